@@ -1,0 +1,359 @@
+// CPU implementation of fixnorm_ext::fixnorm_step.
+//
+// The step is memory bound: SGD with momentum moves 5 values per element
+// (read p, g, buf; write p, buf). Renormalising needs the norm of the
+// *updated* weights, so each norm-controlled tensor is touched twice: pass 1
+// updates, writes the new weights in the accumulation type to a scratch
+// buffer and accumulates per-segment sums of squares; pass 2 reads the scratch
+// buffer, rescales and writes the parameter once. Tensors are processed in
+// buckets of about kBucketElems elements, pass 1 then pass 2 per bucket, so
+// the scratch buffer (reused every bucket and every step) stays in cache and
+// the parameter is written to memory only once, rounded once. Pass 2 walks
+// each thread's items in reverse, so it starts with what that thread touched
+// last. Tensors above kScratchMaxElems are updated in place instead and
+// rescaled in place (rounded twice in low precision).
+//
+// Determinism: work is cut into fixed items (independent of the thread
+// count); each item writes its own partial sum, and segment norms add the
+// partials in a fixed order. Same inputs, same bits, for any thread count.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../fixnorm_meta.h"
+
+namespace fixnorm_ext {
+namespace {
+
+constexpr int64_t kItemElems = 8192;           // elements per work item
+constexpr int64_t kBucketElems = int64_t(1) << 17;  // elements per cache bucket
+constexpr int64_t kScratchMaxElems = int64_t(1) << 24;  // larger tensors rescale in place
+constexpr int kLanes = 16;                     // independent accumulators (vectorisable)
+
+template <typename scalar_t>
+using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename acc>
+struct Coeffs {
+  acc lr, momentum, one_minus_dampening, weight_decay, grad_scale, sign;
+};
+
+// The update of one element (steps 1-4); returns the new weight in the
+// accumulation type so its square is taken before rounding to storage.
+template <typename scalar_t, typename out_t, int kMomentum, bool kNesterov, bool kDecay>
+inline acc_t<scalar_t> update_one(const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t i,
+                                  const Coeffs<acc_t<scalar_t>>& c) {
+  using acc = acc_t<scalar_t>;
+  const acc pv = static_cast<acc>(p[i]);
+  acc gv = static_cast<acc>(g[i]) / c.grad_scale * c.sign;
+  if constexpr (kDecay) gv = gv + c.weight_decay * pv;
+  acc d = gv;
+  if constexpr (kMomentum != 0) {
+    const acc b = kMomentum == 1 ? gv : c.momentum * static_cast<acc>(buf[i]) + c.one_minus_dampening * gv;
+    buf[i] = static_cast<scalar_t>(b);
+    d = kNesterov ? gv + c.momentum * b : b;
+  }
+  const acc np = pv - c.lr * d;
+  out[i] = static_cast<out_t>(np);
+  return np;
+}
+
+// Update [0, n), writing the new weights to `out` (the parameter itself, or
+// scratch), and return their sum of squares, accumulated in kLanes
+// independent lanes (so the compiler can vectorise the loop without
+// reassociating) and then added in a fixed order.
+template <typename scalar_t, typename out_t, int kMomentum, bool kNesterov, bool kDecay>
+acc_t<scalar_t> update_range(const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t n,
+                             const Coeffs<acc_t<scalar_t>>& c) {
+  using acc = acc_t<scalar_t>;
+  acc lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const acc v = update_one<scalar_t, out_t, kMomentum, kNesterov, kDecay>(p, g, buf, out, i + j, c);
+      lanes[j] += v * v;
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {
+    const acc v = update_one<scalar_t, out_t, kMomentum, kNesterov, kDecay>(p, g, buf, out, i, c);
+    lanes[j] += v * v;
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  }
+  return lanes[0];
+}
+
+// p = src * factor, src being scratch (acc_t) or p itself.
+template <typename scalar_t, typename src_t>
+void scale_range(scalar_t* p, const src_t* src, int64_t n, acc_t<scalar_t> factor) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(static_cast<acc>(src[i]) * factor);
+}
+
+// Per-tensor plan. Segments are the whole tensor or each dim-0 slice; a
+// segment longer than kItemElems is cut into pieces, and each piece owns one
+// partial sum (slot).
+struct TensorPlan {
+  void* p;
+  const void* g;
+  void* buf;
+  int64_t seg_len;         // elements per segment
+  int64_t pieces_per_seg;  // slots per segment
+  int64_t slot_offset;     // first slot of this tensor
+  int64_t mode;
+  const double* target;    // one target per segment (mode != kNone)
+  int64_t group;
+  int kind;                // update kernel variant, see kind_of()
+  at::ScalarType dtype;
+  int64_t scratch_offset;  // byte offset of the tensor's scratch in its bucket, -1: in place
+};
+
+struct Item {
+  int64_t tensor, begin, end;  // element range [begin, end) of one tensor
+};
+
+// Items never cross a segment boundary unless they hold whole segments.
+void add_items(const TensorPlan& t, int64_t tensor, int64_t numel, std::vector<Item>& items) {
+  if (t.seg_len <= kItemElems) {
+    const int64_t per_item = std::max<int64_t>(1, kItemElems / t.seg_len) * t.seg_len;
+    for (int64_t b = 0; b < numel; b += per_item) items.push_back({tensor, b, std::min(numel, b + per_item)});
+    return;
+  }
+  for (int64_t s = 0; s < numel; s += t.seg_len) {
+    for (int64_t b = s; b < s + t.seg_len; b += kItemElems) {
+      items.push_back({tensor, b, std::min(s + t.seg_len, b + kItemElems)});
+    }
+  }
+}
+
+template <typename scalar_t>
+Coeffs<acc_t<scalar_t>> coeffs_of(const double* h, double grad_scale) {
+  using acc = acc_t<scalar_t>;
+  return {static_cast<acc>(h[kLr]), static_cast<acc>(h[kMomentum]),
+          static_cast<acc>(1.0 - h[kDampening]), static_cast<acc>(h[kWeightDecay]),
+          static_cast<acc>(grad_scale), static_cast<acc>(h[kMaximize] != 0 ? -1.0 : 1.0)};
+}
+
+// kind = momentum variant (0 none, 1 first step, 2 running) * 4 + nesterov * 2 + decay.
+int kind_of(const double* h, bool init_buffer) {
+  const int mom = h[kMomentum] == 0 ? 0 : (init_buffer ? 1 : 2);
+  return mom * 4 + (h[kNesterov] != 0 ? 2 : 0) + (h[kWeightDecay] != 0 ? 1 : 0);
+}
+
+template <typename scalar_t, typename out_t>
+acc_t<scalar_t> update_dispatch(int kind, const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t n,
+                                const Coeffs<acc_t<scalar_t>>& c) {
+  switch (kind) {
+#define FIXNORM_KIND(K)                                                              \
+  case K:                                                                            \
+    return update_range<scalar_t, out_t, (K) / 4, ((K) & 2) != 0, ((K) & 1) != 0>(p, g, buf, out, n, c);
+    FIXNORM_KIND(0) FIXNORM_KIND(1) FIXNORM_KIND(2) FIXNORM_KIND(3)
+    FIXNORM_KIND(4) FIXNORM_KIND(5) FIXNORM_KIND(6) FIXNORM_KIND(7)
+    FIXNORM_KIND(8) FIXNORM_KIND(9) FIXNORM_KIND(10) FIXNORM_KIND(11)
+#undef FIXNORM_KIND
+  }
+  TORCH_INTERNAL_ASSERT(false, "fixnorm_step: bad update kind ", kind);
+}
+
+// Pass 1 over one item: update, and report each overlapped segment piece's
+// sum of squares to its slot.
+template <typename scalar_t>
+void update_item(const TensorPlan& t, const Item& it, const double* hparams, double grad_scale, double* slots,
+                 char* scratch) {
+  const auto c = coeffs_of<scalar_t>(hparams + t.group * kHparamCols, grad_scale);
+  auto* p = static_cast<scalar_t*>(t.p);
+  auto* g = static_cast<const scalar_t*>(t.g);
+  auto* buf = static_cast<scalar_t*>(t.buf);
+  auto* out = t.scratch_offset < 0 ? nullptr : reinterpret_cast<acc_t<scalar_t>*>(scratch + t.scratch_offset);
+  for (int64_t lo = it.begin; lo < it.end;) {
+    const int64_t seg = lo / t.seg_len;
+    const int64_t hi = std::min(it.end, (seg + 1) * t.seg_len);
+    scalar_t* b = buf ? buf + lo : nullptr;
+    slots[t.slot_offset + seg * t.pieces_per_seg + (lo - seg * t.seg_len) / kItemElems] =
+        out ? update_dispatch<scalar_t>(t.kind, p + lo, g + lo, b, out + lo, hi - lo, c)
+            : update_dispatch<scalar_t>(t.kind, p + lo, g + lo, b, p + lo, hi - lo, c);
+    lo = hi;
+  }
+}
+
+// Pass 2 over one item: rescale each overlapped segment by its factor.
+template <typename scalar_t>
+void rescale_item(const TensorPlan& t, const Item& it, const double* slots, const char* scratch) {
+  auto* p = static_cast<scalar_t*>(t.p);
+  auto* src = t.scratch_offset < 0 ? nullptr
+                                   : reinterpret_cast<const acc_t<scalar_t>*>(scratch + t.scratch_offset);
+  for (int64_t lo = it.begin; lo < it.end;) {
+    const int64_t seg = lo / t.seg_len;
+    const int64_t hi = std::min(it.end, (seg + 1) * t.seg_len);
+    double sumsq = 0.0;
+    const double* s = slots + t.slot_offset + seg * t.pieces_per_seg;
+    for (int64_t k = 0; k < t.pieces_per_seg; ++k) sumsq += s[k];
+    const double n = std::sqrt(sumsq);
+    const double r = t.target[seg];
+    double factor = 1.0;
+    if (n > 0) factor = t.mode == kFixed ? r / n : std::min(1.0, r / n);
+    // A segment with n == 0 is left alone; in place, a clamp that does not
+    // bind costs no write.
+    const auto f = static_cast<acc_t<scalar_t>>(factor);
+    if (src) {
+      scale_range<scalar_t>(p + lo, src + lo, hi - lo, f);
+    } else if (factor != 1.0) {
+      scale_range<scalar_t>(p + lo, p + lo, hi - lo, f);
+    }
+    lo = hi;
+  }
+}
+
+void run_step(const std::vector<TensorPlan>& plans, const std::vector<Item>& items,
+              const std::vector<int64_t>& bucket_starts, const double* hparams, double grad_scale,
+              int64_t num_slots, int64_t scratch_bytes) {
+  std::vector<double> slots(num_slots, 0.0);
+  // Reused across steps so its pages stay mapped and warm in cache.
+  thread_local std::vector<char> scratch_store;
+  if (static_cast<int64_t>(scratch_store.size()) < scratch_bytes) scratch_store.resize(scratch_bytes);
+  char* scratch = scratch_store.data();
+  auto pass1 = [&](const Item& it) {
+    const TensorPlan& t = plans[it.tensor];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.dtype, "fixnorm_step_cpu", [&] {
+      update_item<scalar_t>(t, it, hparams, grad_scale, slots.data(), scratch);
+    });
+  };
+  auto pass2 = [&](const Item& it) {
+    const TensorPlan& t = plans[it.tensor];
+    if (t.mode == kNone) return;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.dtype, "fixnorm_step_cpu", [&] {
+      rescale_item<scalar_t>(t, it, slots.data(), scratch);
+    });
+  };
+  for (size_t b = 0; b + 1 < bucket_starts.size(); ++b) {
+    const int64_t first = bucket_starts[b];
+    const int64_t count = bucket_starts[b + 1] - first;
+    // Small buckets are not worth waking the thread pool for.
+    const int64_t elems = items[first + count - 1].end - items[first].begin;
+    const int64_t grain = count > 1 && elems >= 4 * kItemElems ? 1 : count;
+    at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) pass1(items[first + i]);
+    });
+    at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = end - 1; i >= begin; --i) pass2(items[first + i]);
+    });
+  }
+}
+
+void fixnorm_step_cpu(at::TensorList params, at::TensorList grads,
+                      const c10::List<std::optional<at::Tensor>>& momentum_buffers,
+                      const at::Tensor& hparams, const at::Tensor& meta, const at::Tensor& targets,
+                      const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf) {
+  // Everything is checked before the first write, so a refused call changes nothing.
+  const int64_t num_tensors = static_cast<int64_t>(params.size());
+  TORCH_CHECK(grads.size() == params.size() && momentum_buffers.size() == params.size(),
+              "fixnorm_step: params, grads and momentum_buffers must have the same length (got ",
+              params.size(), ", ", grads.size(), ", ", momentum_buffers.size(), ")");
+  TORCH_CHECK(hparams.device().is_cpu() && hparams.scalar_type() == at::kDouble && hparams.dim() == 2 &&
+                  hparams.size(1) == kHparamCols && hparams.is_contiguous(),
+              "fixnorm_step: hparams must be a contiguous CPU float64 tensor of shape [groups, ", kHparamCols, "]");
+  TORCH_CHECK(meta.device().is_cpu() && meta.scalar_type() == at::kLong && meta.dim() == 2 &&
+                  meta.size(0) == num_tensors && meta.size(1) == kMetaCols && meta.is_contiguous(),
+              "fixnorm_step: meta must be a contiguous CPU int64 tensor of shape [", num_tensors, ", ", kMetaCols, "]");
+  TORCH_CHECK(targets.device().is_cpu() && targets.scalar_type() == at::kDouble && targets.dim() == 1 &&
+                  targets.is_contiguous(),
+              "fixnorm_step: targets must be a contiguous 1-D CPU float64 tensor");
+  for (const auto* opt : {&grad_scale, &found_inf}) {
+    TORCH_CHECK(!opt->has_value() || ((*opt)->numel() == 1 && (*opt)->device().is_cpu()),
+                "fixnorm_step: grad_scale and found_inf must be one-element CPU tensors");
+  }
+  const int64_t num_groups = hparams.size(0);
+  const double* h = hparams.data_ptr<double>();
+  const int64_t* m = meta.data_ptr<int64_t>();
+  std::vector<TensorPlan> plans(num_tensors);
+  std::vector<Item> items;
+  std::vector<int64_t> bucket_starts{0};
+  int64_t num_slots = 0, bucket_elems = 0, bucket_scratch = 0, scratch_bytes = 0;
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    const int64_t* row = m + i * kMetaCols;
+    TORCH_CHECK(p.device().is_cpu() && g.device().is_cpu(), "fixnorm_step: tensor ", i, " is not on the CPU");
+    const at::ScalarType dtype = p.scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+                "fixnorm_step: unsupported dtype ", dtype, " (float32, float64, bfloat16, float16)");
+    TORCH_CHECK(!p.is_sparse() && !g.is_sparse(), "fixnorm_step: sparse tensors are not supported (tensor ", i, ")");
+    TORCH_CHECK(g.scalar_type() == dtype && g.sizes() == p.sizes(), "fixnorm_step: grad ", i, " (", g.scalar_type(),
+                g.sizes(), ") does not match its param (", dtype, p.sizes(), ")");
+    TORCH_CHECK(p.is_contiguous() && g.is_contiguous(), "fixnorm_step: tensor ", i, " is not contiguous");
+    TORCH_CHECK(row[kGroup] >= 0 && row[kGroup] < num_groups, "fixnorm_step: tensor ", i, " names group ",
+                row[kGroup], " of ", num_groups);
+    TORCH_CHECK(row[kMode] >= kNone && row[kMode] <= kMax, "fixnorm_step: tensor ", i, " has unknown mode ", row[kMode]);
+    TORCH_CHECK(row[kNormDim] == -1 || row[kNormDim] == 0, "fixnorm_step: norm_dim must be -1 or 0 (tensor ", i, ")");
+    const double* gh = h + row[kGroup] * kHparamCols;
+    const std::optional<at::Tensor> buf = momentum_buffers.get(i);
+    const bool has_buf = buf.has_value() && buf->defined();
+    TORCH_CHECK(has_buf == (gh[kMomentum] != 0), "fixnorm_step: tensor ", i,
+                has_buf ? " has a momentum buffer but its group has no momentum" : " needs a momentum buffer");
+    if (has_buf) {
+      TORCH_CHECK(buf->device().is_cpu() && buf->scalar_type() == dtype && buf->sizes() == p.sizes() &&
+                      buf->is_contiguous(),
+                  "fixnorm_step: momentum buffer ", i, " must be a contiguous CPU tensor shaped and typed like its param");
+    }
+    const int64_t numel = p.numel();
+    const bool rows = row[kNormDim] == 0 && p.dim() > 0;
+    const int64_t segs = rows ? p.size(0) : 1;
+    TensorPlan& t = plans[i];
+    t.p = p.data_ptr();
+    t.g = g.data_ptr();
+    t.buf = has_buf ? buf->data_ptr() : nullptr;
+    t.seg_len = std::max<int64_t>(1, segs ? numel / segs : 1);
+    t.pieces_per_seg = (t.seg_len + kItemElems - 1) / kItemElems;
+    t.slot_offset = num_slots;
+    t.mode = row[kMode];
+    t.group = row[kGroup];
+    t.kind = kind_of(gh, row[kInitBuffer] != 0);
+    t.dtype = dtype;
+    t.target = nullptr;
+    if (t.mode != kNone) {
+      TORCH_CHECK(row[kTargetOffset] >= 0 && row[kTargetOffset] + segs <= targets.numel(), "fixnorm_step: tensor ",
+                  i, " has target offset ", row[kTargetOffset], " outside targets (", targets.numel(), " entries)");
+      t.target = targets.data_ptr<double>() + row[kTargetOffset];
+    }
+    t.scratch_offset = -1;
+    if (numel == 0) continue;
+    if (t.mode != kNone && numel <= kScratchMaxElems) {
+      // Scratch offsets are relative to the bucket, 64-byte aligned; the
+      // parameter's own element index addresses it (scratch + offset)[i].
+      const int64_t acc_size = dtype == at::kDouble ? 8 : 4;
+      t.scratch_offset = bucket_scratch;
+      bucket_scratch += (numel * acc_size + 63) / 64 * 64;
+      scratch_bytes = std::max(scratch_bytes, bucket_scratch);
+    }
+    num_slots += segs * t.pieces_per_seg;
+    add_items(t, i, numel, items);
+    bucket_elems += numel;
+    if (bucket_elems >= kBucketElems) {
+      bucket_starts.push_back(static_cast<int64_t>(items.size()));
+      bucket_elems = 0;
+      bucket_scratch = 0;
+    }
+  }
+  if (bucket_starts.back() != static_cast<int64_t>(items.size())) bucket_starts.push_back(static_cast<int64_t>(items.size()));
+
+  if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;
+  const double scale = grad_scale.has_value() ? grad_scale->item<double>() : 1.0;
+  run_step(plans, items, bucket_starts, h, scale, num_slots, scratch_bytes);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fixnorm_ext, CPU, m) {
+  m.impl("fixnorm_step", &fixnorm_step_cpu);
+}
+
+}  // namespace fixnorm_ext

@@ -1,0 +1,228 @@
+"""``FusedFixNorm``: a drop-in replacement for ``torch.optim.SGD`` with FixNorm's norm control."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional, Union
+
+import torch
+from torch.optim import Optimizer
+
+from fixnorm_ext import reference
+from fixnorm_ext.dispatch import BACKENDS, NORM_MODES, GroupHyper, fixnorm_step, resolve_backend
+
+log = logging.getLogger("fixnorm_ext")
+
+# Hyperparameters FixNorm adds to SGD's; a checkpoint that lacks them (one
+# saved by torch.optim.SGD) keeps the values the optimizer was built with.
+_FIXNORM_KEYS = ("norm", "target_norm", "norm_dim")
+
+
+def _scalar(value, name: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        return float(value)
+    return float(value)
+
+
+def _check_group(group: dict) -> None:
+    """Raise ValueError for any invalid hyperparameter of one group."""
+    lr = _scalar(group["lr"], "lr")
+    if not lr >= 0.0:
+        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+    if not group["momentum"] >= 0.0:
+        raise ValueError(f"Invalid momentum value: {group['momentum']} (must be >= 0)")
+    if not group["weight_decay"] >= 0.0:
+        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (must be >= 0)")
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    if group["norm"] not in NORM_MODES:
+        raise ValueError(f"Invalid norm mode {group['norm']!r}: expected None, 'fixed' or 'max'")
+    target = group["target_norm"]
+    if target is not None and not (isinstance(target, (int, float)) and math.isfinite(target) and target > 0):
+        raise ValueError(f"Invalid target_norm {target!r}: expected None (the norm at construction) or a finite number > 0")
+    if group["norm_dim"] not in (None, 0):
+        raise ValueError(f"Invalid norm_dim {group['norm_dim']!r}: expected None (whole tensor) or 0 (each dim-0 slice)")
+
+
+def _initial_target(p: torch.Tensor, norm_dim: Optional[int]) -> torch.Tensor:
+    """The norm ``p`` has now (float64, one value per segment), kept as its target."""
+    target = reference.segment_norms(p, norm_dim)
+    if p.numel() > 0 and bool((target == 0).any()):
+        raise ValueError(
+            f"a parameter of shape {tuple(p.shape)} has a zero norm (or an all-zero dim-0 slice), so there is no "
+            "norm to keep: pass an explicit target_norm for its group")
+    return target.to(p.device)
+
+
+class FusedFixNorm(Optimizer):
+    r"""SGD with momentum plus FixNorm's direct norm control (Zhou, Sun, Zhong 2021).
+
+    For each parameter :math:`p` with gradient :math:`g` (``maximize`` negates
+    :math:`g`, a GradScaler's scale divides it):
+
+    .. math::
+        g &\leftarrow g + \lambda p \\
+        b &\leftarrow \mu b + (1-\tau) g \quad (b \leftarrow g \text{ on the first step}) \\
+        d &\leftarrow g + \mu b \text{ (Nesterov)}, \quad d \leftarrow b \text{ otherwise} \\
+        p &\leftarrow p - \eta\, d
+
+    and then, for groups with norm control, per segment :math:`s` (the whole
+    tensor, or each slice along dim 0 with ``norm_dim=0``) with
+    :math:`n = \lVert p_s \rVert_2` and target :math:`r`:
+
+    .. math::
+        \text{"fixed"}: p_s \leftarrow p_s\, r / n, \qquad
+        \text{"max"}: p_s \leftarrow p_s \min(1, r / n)
+
+    (a segment with :math:`n = 0` is left as it is). With ``norm=None``
+    everywhere this is exactly ``torch.optim.SGD``, and the state keeps SGD's
+    ``momentum_buffer`` so checkpoints move between the two.
+
+    Args:
+        params: parameters or parameter groups (see :func:`fixnorm_param_groups`).
+        lr, momentum, dampening, weight_decay, nesterov, maximize: as ``torch.optim.SGD``.
+        norm: ``None``, ``"fixed"`` or ``"max"``.
+        target_norm: ``None`` (the norm each parameter has when it joins the
+            optimizer, recorded in its state) or a number > 0.
+        norm_dim: ``None`` (the whole tensor is one segment) or ``0``.
+        backend: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"cpu"``. A
+            property of this object, never of a checkpoint. ``self.backend`` is
+            the one in use and ``self.backend_reason`` says why.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params,
+        lr: Union[float, torch.Tensor] = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        norm: Optional[str] = None,
+        target_norm: Optional[float] = None,
+        norm_dim: Optional[int] = None,
+        backend: str = "auto",
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, norm=norm, target_norm=target_norm,
+                        norm_dim=norm_dim)
+        _check_group(defaults)
+        self.requested_backend = backend
+        self.backend: Optional[str] = None
+        self.backend_reason = ""
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group, validate it, record the target norms of its parameters
+        and (for ``"auto"``) choose the backend again."""
+        for p in param_group["params"] if not isinstance(param_group["params"], torch.Tensor) else [param_group["params"]]:
+            if isinstance(p, torch.Tensor) and torch.is_complex(p):
+                raise ValueError("FusedFixNorm does not support complex parameters (view them as real with torch.view_as_real)")
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _check_group(merged)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        devices = {p.device.type for g in self.param_groups for p in g["params"]} | {p.device.type for p in params}
+        backend, why = resolve_backend(self.requested_backend, devices)
+        recorded = {}
+        if merged["norm"] is not None and merged["target_norm"] is None:
+            recorded = {p: _initial_target(p, merged["norm_dim"]) for p in params}
+        super().add_param_group(param_group)
+        for p, target in recorded.items():
+            self.state[p]["target_norm"] = target
+        if backend != self.backend:
+            self.backend, self.backend_reason = backend, why
+            log.info("FusedFixNorm: %s", why)
+
+    def _recorded_target(self, p: torch.Tensor, norm_dim: Optional[int]) -> torch.Tensor:
+        recorded = self.state[p].get("target_norm")
+        expected = () if norm_dim is None or p.dim() == 0 else (p.shape[0],)
+        if recorded is None or tuple(recorded.shape) != expected:
+            # A group that switched norm control on after construction, or a
+            # checkpoint from SGD: keep the norm the tensor has now.
+            recorded = self.state[p]["target_norm"] = _initial_target(p, norm_dim)
+        return recorded
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step (see the class docstring)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+
+        # Gather and check everything before the first write: a refused step
+        # changes no parameter and no state.
+        params, grads, bufs, group_index, hypers, targets = [], [], [], [], [], []
+        for group in self.param_groups:
+            _check_group(group)
+            hyper = GroupHyper(
+                lr=_scalar(group["lr"], "lr"), momentum=float(group["momentum"]),
+                dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
+                nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
+                norm=group["norm"], norm_dim=group["norm_dim"])
+            gi = len(hypers)
+            hypers.append(hyper)
+            explicit = None
+            if group["norm"] is not None and group["target_norm"] is not None:
+                explicit = torch.tensor(float(group["target_norm"]), dtype=torch.float64)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError("FusedFixNorm does not support sparse gradients")
+                if torch.is_complex(p):
+                    raise RuntimeError("FusedFixNorm does not support complex parameters")
+                if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                    raise RuntimeError(
+                        f"gradient ({g.dtype}, {tuple(g.shape)}, {g.device}) does not match its parameter "
+                        f"({p.dtype}, {tuple(p.shape)}, {p.device})")
+                params.append(p)
+                grads.append(g)
+                bufs.append(self.state[p].get("momentum_buffer") if hyper.momentum != 0 else None)
+                group_index.append(gi)
+                if group["norm"] is None:
+                    targets.append(None)
+                else:
+                    targets.append(explicit if explicit is not None else self._recorded_target(p, group["norm_dim"]))
+        if not params:
+            return loss
+
+        new_bufs = fixnorm_step(params, grads, bufs, group_index=group_index, groups=hypers, targets=targets,
+                                backend=self.backend, grad_scale=grad_scale, found_inf=found_inf)
+        created = [i for i, (old, new) in enumerate(zip(bufs, new_bufs)) if old is None and new is not None]
+        # A step skipped for an overflow creates no momentum buffer either.
+        if created and not (found_inf is not None and bool(found_inf.item())):
+            for i in created:
+                self.state[params[i]]["momentum_buffer"] = new_bufs[i]
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a checkpoint of FusedFixNorm or of ``torch.optim.SGD``.
+
+        Groups saved without FixNorm's keys (an SGD checkpoint) keep this
+        optimizer's norm settings; recorded target norms come back exactly
+        (float64), never measured again.
+        """
+        groups = []
+        for saved, current in zip(state_dict["param_groups"], self.param_groups):
+            groups.append({**{k: current[k] for k in _FIXNORM_KEYS if k not in saved}, **saved})
+        state_dict = {**state_dict, "param_groups": groups + state_dict["param_groups"][len(groups):]}
+        saved_targets = {k: v["target_norm"] for k, v in state_dict["state"].items() if "target_norm" in v}
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for key, p in zip(ids, params):
+            if key in saved_targets:
+                self.state[p]["target_norm"] = torch.as_tensor(saved_targets[key]).to(torch.float64).to(p.device)
