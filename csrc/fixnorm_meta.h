@@ -25,7 +25,8 @@ enum MetaCol : int64_t {
   kNormDim = 2,       // -1: whole tensor is one segment; 0: each dim-0 slice is a segment
   kInitBuffer = 3,    // 1: the momentum buffer is new, set it to the gradient
   kTargetOffset = 4,  // first entry of this tensor's segment targets in `targets`
-  kMetaCols = 5,
+  kBuffer = 5,        // index in momentum_buffers, -1 when the group has no momentum
+  kMetaCols = 6,
 };
 
 enum NormMode : int64_t { kNone = 0, kFixed = 1, kMax = 2 };

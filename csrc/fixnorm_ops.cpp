@@ -5,10 +5,11 @@
 
 TORCH_LIBRARY(fixnorm_ext, m) {
   // One FixNorm step (DESIGN.md section 2) for every tensor of every
-  // parameter group. momentum_buffers[i] is None for tensors whose group has
-  // no momentum. See fixnorm_meta.h for the hparams / meta / targets tables.
+  // parameter group. momentum_buffers holds the buffers of the tensors whose
+  // group has momentum, addressed by meta's buffer column. See fixnorm_meta.h
+  // for the hparams / meta / targets tables.
   m.def(
-      "fixnorm_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)?[] momentum_buffers, "
+      "fixnorm_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor hparams, Tensor meta, Tensor targets, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
 }

@@ -21,6 +21,11 @@ try:
     from fixnorm_ext import _C  # noqa: F401  (loading it registers the torch.ops.fixnorm_ext ops)
 
     EXTENSION_ERROR: Optional[str] = None
+
+    @torch.library.register_fake("fixnorm_ext::fixnorm_step")
+    def _fixnorm_step_fake(params, grads, momentum_buffers, hparams, meta, targets, grad_scale=None, found_inf=None):
+        # In-place on its inputs and returns nothing: no output shapes to describe.
+        return None
 except ImportError as exc:  # the package still works without its compiled part
     EXTENSION_ERROR = (
         f"the compiled extension fixnorm_ext._C could not be imported ({exc}); "
@@ -172,22 +177,26 @@ def _step_foreach(params, grads, bufs, *, group_index, groups, targets, grad_sca
 
 
 def build_tables(params, bufs, *, group_index, groups, targets):
-    """The hparams / meta / targets tables of csrc/fixnorm_meta.h."""
+    """The hparams / meta / targets tables of csrc/fixnorm_meta.h. ``bufs[i]``
+    is ``None`` for a buffer the kernel must create from the gradient; every
+    tensor of a group with momentum gets the next buffer slot."""
     hparams = torch.tensor(
         [[h.lr, h.momentum, h.dampening, h.weight_decay, float(h.nesterov), float(h.maximize)] for h in groups],
         dtype=torch.float64).reshape(len(groups), 6)
-    rows, flat, offset = [], [], 0
+    rows, flat, offset, slot = [], [], 0, 0
     for p, buf, gi, t in zip(params, bufs, group_index, targets):
         h = groups[gi]
         init = int(h.momentum != 0 and buf is None)
+        buffer = slot if h.momentum != 0 else -1
+        slot += h.momentum != 0
         if h.norm is None:
-            rows.append((gi, 0, -1, init, -1))
+            rows.append((gi, 0, -1, init, -1, buffer))
             continue
-        rows.append((gi, _MODE_CODE[h.norm], 0 if h.norm_dim == 0 else -1, init, offset))
+        rows.append((gi, _MODE_CODE[h.norm], 0 if h.norm_dim == 0 else -1, init, offset, buffer))
         t = t.detach().to(torch.float64).reshape(-1).cpu()
         flat.append(t.expand(_segments(p, h.norm_dim)) if t.numel() == 1 else t)
         offset += flat[-1].numel()
-    meta = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 5)
+    meta = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 6)
     flat_targets = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
     return hparams, meta, flat_targets
 
@@ -204,7 +213,8 @@ def _step_cpu(params, grads, bufs, *, group_index, groups, targets, grad_scale, 
     ps = [p if p.is_contiguous() else p.contiguous() for p in params]
     bs = [b if b is None or b.is_contiguous() else b.contiguous() for b in out]
     gs = [g.contiguous() for g in grads]
-    torch.ops.fixnorm_ext.fixnorm_step(ps, gs, bs, hparams, meta, flat_targets, grad_scale, found_inf)
+    torch.ops.fixnorm_ext.fixnorm_step(ps, gs, [b for b in bs if b is not None], hparams, meta, flat_targets,
+                                       grad_scale, found_inf)
     for dst, src in zip(params, ps):
         if dst is not src:
             dst.copy_(src)

@@ -66,23 +66,24 @@ inline acc_t<scalar_t> update_one(const scalar_t* p, const scalar_t* g, scalar_t
 }
 
 // Update [0, n), writing the new weights to `out` (the parameter itself, or
-// scratch), and return their sum of squares, accumulated in kLanes
-// independent lanes (so the compiler can vectorise the loop without
-// reassociating) and then added in a fixed order.
+// scratch), and return their sum of squares. The squares are added in float64
+// (cheap next to the memory traffic, and it keeps fixed norms within float32
+// rounding of their target however long the tensor) over kLanes independent
+// lanes, so the compiler can vectorise without reassociating, then folded in
+// a fixed order.
 template <typename scalar_t, typename out_t, int kMomentum, bool kNesterov, bool kDecay>
-acc_t<scalar_t> update_range(const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t n,
+double update_range(const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t n,
                              const Coeffs<acc_t<scalar_t>>& c) {
-  using acc = acc_t<scalar_t>;
-  acc lanes[kLanes] = {};
+  double lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
-      const acc v = update_one<scalar_t, out_t, kMomentum, kNesterov, kDecay>(p, g, buf, out, i + j, c);
+      const double v = update_one<scalar_t, out_t, kMomentum, kNesterov, kDecay>(p, g, buf, out, i + j, c);
       lanes[j] += v * v;
     }
   }
   for (int j = 0; i < n; ++i, ++j) {
-    const acc v = update_one<scalar_t, out_t, kMomentum, kNesterov, kDecay>(p, g, buf, out, i, c);
+    const double v = update_one<scalar_t, out_t, kMomentum, kNesterov, kDecay>(p, g, buf, out, i, c);
     lanes[j] += v * v;
   }
   for (int width = kLanes / 2; width > 0; width /= 2) {
@@ -149,7 +150,7 @@ int kind_of(const double* h, bool init_buffer) {
 }
 
 template <typename scalar_t, typename out_t>
-acc_t<scalar_t> update_dispatch(int kind, const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t n,
+double update_dispatch(int kind, const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t n,
                                 const Coeffs<acc_t<scalar_t>>& c) {
   switch (kind) {
 #define FIXNORM_KIND(K)                                                              \
@@ -249,15 +250,14 @@ void run_step(const std::vector<TensorPlan>& plans, const std::vector<Item>& ite
 }
 
 void fixnorm_step_cpu(at::TensorList params, at::TensorList grads,
-                      const c10::List<std::optional<at::Tensor>>& momentum_buffers,
+                      at::TensorList momentum_buffers,
                       const at::Tensor& hparams, const at::Tensor& meta, const at::Tensor& targets,
                       const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf) {
   // Everything is checked before the first write, so a refused call changes nothing.
   const int64_t num_tensors = static_cast<int64_t>(params.size());
-  TORCH_CHECK(grads.size() == params.size() && momentum_buffers.size() == params.size(),
-              "fixnorm_step: params, grads and momentum_buffers must have the same length (got ",
-              params.size(), ", ", grads.size(), ", ", momentum_buffers.size(), ")");
+  TORCH_CHECK(grads.size() == params.size(), "fixnorm_step: params and grads must have the same length (got ",
+              params.size(), " and ", grads.size(), ")");
   TORCH_CHECK(hparams.device().is_cpu() && hparams.scalar_type() == at::kDouble && hparams.dim() == 2 &&
                   hparams.size(1) == kHparamCols && hparams.is_contiguous(),
               "fixnorm_step: hparams must be a contiguous CPU float64 tensor of shape [groups, ", kHparamCols, "]");
@@ -277,6 +277,7 @@ void fixnorm_step_cpu(at::TensorList params, at::TensorList grads,
   std::vector<TensorPlan> plans(num_tensors);
   std::vector<Item> items;
   std::vector<int64_t> bucket_starts{0};
+  std::vector<bool> buffer_used(momentum_buffers.size(), false);
   int64_t num_slots = 0, bucket_elems = 0, bucket_scratch = 0, scratch_bytes = 0;
   for (int64_t i = 0; i < num_tensors; ++i) {
     const at::Tensor& p = params[i];
@@ -295,14 +296,18 @@ void fixnorm_step_cpu(at::TensorList params, at::TensorList grads,
     TORCH_CHECK(row[kMode] >= kNone && row[kMode] <= kMax, "fixnorm_step: tensor ", i, " has unknown mode ", row[kMode]);
     TORCH_CHECK(row[kNormDim] == -1 || row[kNormDim] == 0, "fixnorm_step: norm_dim must be -1 or 0 (tensor ", i, ")");
     const double* gh = h + row[kGroup] * kHparamCols;
-    const std::optional<at::Tensor> buf = momentum_buffers.get(i);
-    const bool has_buf = buf.has_value() && buf->defined();
+    const int64_t bi = row[kBuffer];
+    const bool has_buf = bi >= 0;
     TORCH_CHECK(has_buf == (gh[kMomentum] != 0), "fixnorm_step: tensor ", i,
                 has_buf ? " has a momentum buffer but its group has no momentum" : " needs a momentum buffer");
     if (has_buf) {
-      TORCH_CHECK(buf->device().is_cpu() && buf->scalar_type() == dtype && buf->sizes() == p.sizes() &&
-                      buf->is_contiguous(),
-                  "fixnorm_step: momentum buffer ", i, " must be a contiguous CPU tensor shaped and typed like its param");
+      TORCH_CHECK(bi < static_cast<int64_t>(momentum_buffers.size()) && !buffer_used[bi], "fixnorm_step: tensor ", i,
+                  " names momentum buffer ", bi, ", which is out of range or already taken");
+      buffer_used[bi] = true;
+      const at::Tensor& buf = momentum_buffers[bi];
+      TORCH_CHECK(buf.device().is_cpu() && buf.scalar_type() == dtype && buf.sizes() == p.sizes() &&
+                      buf.is_contiguous(),
+                  "fixnorm_step: momentum buffer ", bi, " must be a contiguous CPU tensor shaped and typed like param ", i);
     }
     const int64_t numel = p.numel();
     const bool rows = row[kNormDim] == 0 && p.dim() > 0;
@@ -310,7 +315,7 @@ void fixnorm_step_cpu(at::TensorList params, at::TensorList grads,
     TensorPlan& t = plans[i];
     t.p = p.data_ptr();
     t.g = g.data_ptr();
-    t.buf = has_buf ? buf->data_ptr() : nullptr;
+    t.buf = has_buf ? momentum_buffers[bi].data_ptr() : nullptr;
     t.seg_len = std::max<int64_t>(1, segs ? numel / segs : 1);
     t.pieces_per_seg = (t.seg_len + kItemElems - 1) / kItemElems;
     t.slot_offset = num_slots;
