@@ -20,6 +20,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/bit_cast.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -37,8 +38,68 @@ constexpr int64_t kBucketElems = int64_t(1) << 17;  // elements per cache bucket
 constexpr int64_t kScratchMaxElems = int64_t(1) << 24;  // larger tensors rescale in place
 constexpr int kLanes = 16;                     // independent accumulators (vectorisable)
 
+// The hot loops are compiled twice, for x86-64-v3 (AVX2, FMA, F16C) and for
+// the baseline, and the loader picks one for the running CPU.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define FIXNORM_HOT_LOOP __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FIXNORM_HOT_LOOP
+#endif
+#if defined(__GNUC__)
+#define FIXNORM_INLINE __attribute__((always_inline)) inline
+#else
+#define FIXNORM_INLINE inline
+#endif
+
 template <typename scalar_t>
 using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// float16 <-> float32 in plain integer and float operations without
+// branches, so that loops over float16 vectorise (c10::Half's own conversion
+// does not, without F16C in the baseline build).
+FIXNORM_INLINE float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;  // exponent and mantissa
+  const float normal = c10::bit_cast<float>((em << 13) + 0x38000000u);  // rebias the exponent by 127 - 15
+  const float subnormal = static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f;
+  const float special = c10::bit_cast<float>((em << 13) | 0x7f800000u);  // inf and nan keep their payload
+  const float mag = em < 0x0400u ? subnormal : (em >= 0x7c00u ? special : normal);
+  return c10::bit_cast<float>(c10::bit_cast<uint32_t>(mag) | sign);
+}
+
+// Rounds to nearest, ties to even, like c10::Half.
+FIXNORM_INLINE uint16_t float_to_half(float f) {
+  const uint32_t x = c10::bit_cast<uint32_t>(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t a = x & 0x7fffffffu;
+  // Normal results: rebias by 15 - 127 and round away the 13 low mantissa
+  // bits (adding 0xfff plus the lowest kept bit rounds ties to even); a carry
+  // into the exponent is the right result, up to infinity.
+  const uint32_t normal = std::min<uint32_t>((a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13, 0x7c00u);
+  // Below 2^-14 the result is a multiple of 2^-24: adding 0.5 makes the FPU
+  // round to exactly that grid, and the low bits are the subnormal's bits.
+  const uint32_t subnormal = c10::bit_cast<uint32_t>(c10::bit_cast<float>(a) + 0.5f) - 0x3f000000u;
+  const uint32_t mag = a > 0x7f800000u ? 0x7e00u : (a < 0x38800000u ? subnormal : normal);
+  return static_cast<uint16_t>(mag | sign);
+}
+
+template <typename acc, typename T>
+FIXNORM_INLINE acc load(T v) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    return half_to_float(v.x);
+  } else {
+    return static_cast<acc>(v);
+  }
+}
+
+template <typename T, typename acc>
+FIXNORM_INLINE T store(acc v) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    return c10::Half(float_to_half(v), c10::Half::from_bits());
+  } else {
+    return static_cast<T>(v);
+  }
+}
 
 template <typename acc>
 struct Coeffs {
@@ -48,20 +109,20 @@ struct Coeffs {
 // The update of one element (steps 1-4); returns the new weight in the
 // accumulation type so its square is taken before rounding to storage.
 template <typename scalar_t, typename out_t, int kMomentum, bool kNesterov, bool kDecay>
-inline acc_t<scalar_t> update_one(const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t i,
+FIXNORM_INLINE acc_t<scalar_t> update_one(const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t i,
                                   const Coeffs<acc_t<scalar_t>>& c) {
   using acc = acc_t<scalar_t>;
-  const acc pv = static_cast<acc>(p[i]);
-  acc gv = static_cast<acc>(g[i]) / c.grad_scale * c.sign;
+  const acc pv = load<acc>(p[i]);
+  acc gv = load<acc>(g[i]) / c.grad_scale * c.sign;
   if constexpr (kDecay) gv = gv + c.weight_decay * pv;
   acc d = gv;
   if constexpr (kMomentum != 0) {
-    const acc b = kMomentum == 1 ? gv : c.momentum * static_cast<acc>(buf[i]) + c.one_minus_dampening * gv;
-    buf[i] = static_cast<scalar_t>(b);
+    const acc b = kMomentum == 1 ? gv : c.momentum * load<acc>(buf[i]) + c.one_minus_dampening * gv;
+    buf[i] = store<scalar_t>(b);
     d = kNesterov ? gv + c.momentum * b : b;
   }
   const acc np = pv - c.lr * d;
-  out[i] = static_cast<out_t>(np);
+  out[i] = store<out_t>(np);
   return np;
 }
 
@@ -72,7 +133,7 @@ inline acc_t<scalar_t> update_one(const scalar_t* p, const scalar_t* g, scalar_t
 // lanes, so the compiler can vectorise without reassociating, then folded in
 // a fixed order.
 template <typename scalar_t, typename out_t, int kMomentum, bool kNesterov, bool kDecay>
-double update_range(const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t n,
+FIXNORM_HOT_LOOP double update_range(const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t n,
                              const Coeffs<acc_t<scalar_t>>& c) {
   double lanes[kLanes] = {};
   int64_t i = 0;
@@ -94,9 +155,9 @@ double update_range(const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* 
 
 // p = src * factor, src being scratch (acc_t) or p itself.
 template <typename scalar_t, typename src_t>
-void scale_range(scalar_t* p, const src_t* src, int64_t n, acc_t<scalar_t> factor) {
+FIXNORM_HOT_LOOP void scale_range(scalar_t* p, const src_t* src, int64_t n, acc_t<scalar_t> factor) {
   using acc = acc_t<scalar_t>;
-  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(static_cast<acc>(src[i]) * factor);
+  for (int64_t i = 0; i < n; ++i) p[i] = store<scalar_t>(load<acc>(src[i]) * factor);
 }
 
 // Per-tensor plan. Segments are the whole tensor or each dim-0 slice; a
