@@ -123,13 +123,17 @@ class FusedFixNorm(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """Add a group, validate it, record the target norms of its parameters
         and (for ``"auto"``) choose the backend again."""
-        for p in param_group["params"] if not isinstance(param_group["params"], torch.Tensor) else [param_group["params"]]:
+        # Take the params out once (they may come as a generator, or as
+        # (name, tensor) pairs like SGD accepts from named_parameters()).
+        params = param_group["params"]
+        entries = [params] if isinstance(params, torch.Tensor) else list(params)
+        param_group = {**param_group, "params": entries}
+        params = [e[1] if isinstance(e, tuple) else e for e in entries]
+        for p in params:
             if isinstance(p, torch.Tensor) and torch.is_complex(p):
                 raise ValueError("FusedFixNorm does not support complex parameters (view them as real with torch.view_as_real)")
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _check_group(merged)
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
         devices = {p.device.type for g in self.param_groups for p in g["params"]} | {p.device.type for p in params}
         backend, why = resolve_backend(self.requested_backend, devices)
         recorded = {}
@@ -142,13 +146,14 @@ class FusedFixNorm(Optimizer):
             self.backend, self.backend_reason = backend, why
             log.info("FusedFixNorm: %s", why)
 
-    def _recorded_target(self, p: torch.Tensor, norm_dim: Optional[int]) -> torch.Tensor:
-        recorded = self.state[p].get("target_norm")
+    def _recorded_target(self, p: torch.Tensor, norm_dim: Optional[int], pending: dict) -> torch.Tensor:
+        """The recorded target of ``p``. A tensor without one (its group switched
+        norm control on after construction) gets the norm it has now, put in
+        ``pending`` to be stored only once the step has passed every check."""
+        recorded = self.state[p].get("target_norm") if p in self.state else None
         expected = () if norm_dim is None or p.dim() == 0 else (p.shape[0],)
         if recorded is None or tuple(recorded.shape) != expected:
-            # A group that switched norm control on after construction, or a
-            # checkpoint from SGD: keep the norm the tensor has now.
-            recorded = self.state[p]["target_norm"] = _initial_target(p, norm_dim)
+            recorded = pending[p] = _initial_target(p, norm_dim)
         return recorded
 
     @torch.no_grad()
@@ -164,6 +169,7 @@ class FusedFixNorm(Optimizer):
         # Gather and check everything before the first write: a refused step
         # changes no parameter and no state.
         params, grads, bufs, group_index, hypers, targets = [], [], [], [], [], []
+        pending_targets: dict = {}
         for group in self.param_groups:
             _check_group(group)
             hyper = GroupHyper(
@@ -190,14 +196,17 @@ class FusedFixNorm(Optimizer):
                         f"({p.dtype}, {tuple(p.shape)}, {p.device})")
                 params.append(p)
                 grads.append(g)
-                bufs.append(self.state[p].get("momentum_buffer") if hyper.momentum != 0 else None)
+                bufs.append(self.state[p].get("momentum_buffer") if hyper.momentum != 0 and p in self.state else None)
                 group_index.append(gi)
                 if group["norm"] is None:
                     targets.append(None)
                 else:
-                    targets.append(explicit if explicit is not None else self._recorded_target(p, group["norm_dim"]))
+                    targets.append(explicit if explicit is not None
+                                   else self._recorded_target(p, group["norm_dim"], pending_targets))
         if not params:
             return loss
+        for p, target in pending_targets.items():
+            self.state[p]["target_norm"] = target
 
         new_bufs = fixnorm_step(params, grads, bufs, group_index=group_index, groups=hypers, targets=targets,
                                 backend=self.backend, grad_scale=grad_scale, found_inf=found_inf)
@@ -212,17 +221,22 @@ class FusedFixNorm(Optimizer):
         """Load a checkpoint of FusedFixNorm or of ``torch.optim.SGD``.
 
         Groups saved without FixNorm's keys (an SGD checkpoint) keep this
-        optimizer's norm settings; recorded target norms come back exactly
-        (float64), never measured again.
+        optimizer's norm settings and recorded targets; recorded target norms
+        in the checkpoint come back exactly (float64), never measured again.
         """
         groups = []
         for saved, current in zip(state_dict["param_groups"], self.param_groups):
             groups.append({**{k: current[k] for k in _FIXNORM_KEYS if k not in saved}, **saved})
         state_dict = {**state_dict, "param_groups": groups + state_dict["param_groups"][len(groups):]}
         saved_targets = {k: v["target_norm"] for k, v in state_dict["state"].items() if "target_norm" in v}
+        current_targets = {p: s["target_norm"] for p, s in self.state.items() if "target_norm" in s}
         super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for key, p in zip(ids, params):
             if key in saved_targets:
                 self.state[p]["target_norm"] = torch.as_tensor(saved_targets[key]).to(torch.float64).to(p.device)
+            elif p in current_targets:
+                # A checkpoint without targets (torch.optim.SGD's): keep the
+                # ones recorded when the parameter joined this optimizer.
+                self.state[p]["target_norm"] = current_targets[p]
