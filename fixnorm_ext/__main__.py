@@ -1,0 +1,26 @@
+"""Command line of fixnorm_ext: ``python -m fixnorm_ext <command> --help``."""
+import argparse
+import sys
+
+from fixnorm_ext import bench
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fixnorm_ext",
+                                     description="FixNorm optimizer tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    bench_parser = commands.add_parser(
+        "bench", help="time one optimizer step: FusedFixNorm backends against SGD",
+        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(run=bench.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
