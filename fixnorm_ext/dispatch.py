@@ -88,6 +88,11 @@ def resolve_backend(requested: str, device_types: set[str]) -> tuple[str, str]:
     return "foreach", why
 
 
+def _target_tensor(t) -> Optional[torch.Tensor]:
+    """A target given as a number (a group's explicit target_norm) as a float64 tensor."""
+    return torch.tensor(t, dtype=torch.float64) if isinstance(t, float) else t
+
+
 def _segments(p: torch.Tensor, norm_dim: Optional[int]) -> int:
     return p.shape[0] if norm_dim == 0 and p.dim() > 0 else 1
 
@@ -96,7 +101,7 @@ def _skip(found_inf: Optional[torch.Tensor]) -> bool:
     return found_inf is not None and bool(found_inf.item())
 
 
-def _step_reference(params, grads, bufs, *, group_index, groups, targets, grad_scale, found_inf):
+def _step_reference(params, grads, bufs, *, group_index, groups, targets, grad_scale, found_inf, workspace):
     if _skip(found_inf):
         return list(bufs)
     scale = None if grad_scale is None else float(grad_scale)
@@ -106,7 +111,7 @@ def _step_reference(params, grads, bufs, *, group_index, groups, targets, grad_s
         out.append(reference.fixnorm_step_one(
             p, g, buf, lr=h.lr, momentum=h.momentum, dampening=h.dampening,
             weight_decay=h.weight_decay, nesterov=h.nesterov, maximize=h.maximize,
-            norm=h.norm, target=t, norm_dim=h.norm_dim, grad_scale=scale))
+            norm=h.norm, target=_target_tensor(t), norm_dim=h.norm_dim, grad_scale=scale))
     return out
 
 
@@ -127,7 +132,7 @@ def _renorm_foreach(ps: list[torch.Tensor], ts: list[torch.Tensor], mode: str, n
     torch._foreach_mul_(ps, factors)
 
 
-def _step_foreach(params, grads, bufs, *, group_index, groups, targets, grad_scale, found_inf):
+def _step_foreach(params, grads, bufs, *, group_index, groups, targets, grad_scale, found_inf, workspace):
     """torch ``_foreach_*`` ops, one group at a time; low precision is computed
     on float32 copies and rounded once, like the fused kernels."""
     if _skip(found_inf):
@@ -169,20 +174,24 @@ def _step_foreach(params, grads, bufs, *, group_index, groups, targets, grad_sca
             d = gs
         torch._foreach_add_(ps, d, alpha=-h.lr)
         if h.norm is not None:
-            _renorm_foreach(ps, [targets[i] for i in idx], h.norm, h.norm_dim)
+            _renorm_foreach(ps, [_target_tensor(targets[i]) for i in idx], h.norm, h.norm_dim)
         for k, i in enumerate(idx):
             if low[k]:
                 params[i].copy_(ps[k])
     return out
 
 
-def build_tables(params, bufs, *, group_index, groups, targets):
-    """The hparams / meta / targets tables of csrc/fixnorm_meta.h. ``bufs[i]``
-    is ``None`` for a buffer the kernel must create from the gradient; every
-    tensor of a group with momentum gets the next buffer slot."""
-    hparams = torch.tensor(
+def build_hparams(groups) -> torch.Tensor:
+    """The hparams table of csrc/fixnorm_meta.h (rebuilt every step: lr moves)."""
+    return torch.tensor(
         [[h.lr, h.momentum, h.dampening, h.weight_decay, float(h.nesterov), float(h.maximize)] for h in groups],
         dtype=torch.float64).reshape(len(groups), 6)
+
+
+def build_tables(params, bufs, *, group_index, groups, targets):
+    """The meta / targets tables of csrc/fixnorm_meta.h. ``bufs[i]`` is
+    ``None`` for a buffer the kernel must create from the gradient; every
+    tensor of a group with momentum gets the next buffer slot."""
     rows, flat, offset, slot = [], [], 0, 0
     for p, buf, gi, t in zip(params, bufs, group_index, targets):
         h = groups[gi]
@@ -193,16 +202,31 @@ def build_tables(params, bufs, *, group_index, groups, targets):
             rows.append((gi, 0, -1, init, -1, buffer))
             continue
         rows.append((gi, _MODE_CODE[h.norm], 0 if h.norm_dim == 0 else -1, init, offset, buffer))
-        t = t.detach().to(torch.float64).reshape(-1).cpu()
+        t = _target_tensor(t).detach().to(torch.float64).reshape(-1).cpu()
         flat.append(t.expand(_segments(p, h.norm_dim)) if t.numel() == 1 else t)
         offset += flat[-1].numel()
     meta = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 6)
     flat_targets = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
-    return hparams, meta, flat_targets
+    return meta, flat_targets
 
 
-def _step_cpu(params, grads, bufs, *, group_index, groups, targets, grad_scale, found_inf):
-    hparams, meta, flat_targets = build_tables(params, bufs, group_index=group_index, groups=groups, targets=targets)
+def _layout_key(params, bufs, group_index, groups, targets) -> tuple:
+    """What the meta / targets tables depend on. Recorded targets enter by
+    identity: they change only when the optimizer replaces them."""
+    return (
+        tuple(id(p) for p in params), tuple(group_index), tuple(b is None for b in bufs),
+        tuple((h.norm, h.norm_dim, h.momentum != 0) for h in groups),
+        tuple(t if t is None or isinstance(t, float) else id(t) for t in targets),
+    )
+
+
+def _step_cpu(params, grads, bufs, *, group_index, groups, targets, grad_scale, found_inf, workspace):
+    key = _layout_key(params, bufs, group_index, groups, targets)
+    if workspace.get("cpu_key") != key:
+        workspace["cpu_key"] = key
+        workspace["cpu_tables"] = build_tables(params, bufs, group_index=group_index, groups=groups, targets=targets)
+    meta, flat_targets = workspace["cpu_tables"]
+    hparams = build_hparams(groups)
     out = [
         torch.empty_like(p, memory_format=torch.contiguous_format)
         if buf is None and groups[gi].momentum != 0 else buf
@@ -238,14 +262,19 @@ def fixnorm_step(
     backend: str,
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    workspace: Optional[dict] = None,
 ) -> list[Optional[torch.Tensor]]:
     """Apply one FixNorm step to every tensor, in place, with ``backend``.
 
     ``group_index[i]`` picks the :class:`GroupHyper` of tensor ``i``;
-    ``targets[i]`` is its segment target norm (``None`` without norm control);
+    ``targets[i]`` is its segment target norm: a number, a float64 tensor of
+    one value per segment, or ``None`` without norm control;
     ``momentum_buffers[i]`` is ``None`` when there is none yet. Returns the
     momentum buffers after the step (new ones where there were none).
+    ``workspace`` is a dict the backend may keep tables in between calls
+    with the same layout (the optimizer passes one per instance).
     """
     return _IMPLS[backend](
         list(params), list(grads), list(momentum_buffers), group_index=list(group_index),
-        groups=list(groups), targets=list(targets), grad_scale=grad_scale, found_inf=found_inf)
+        groups=list(groups), targets=list(targets), grad_scale=grad_scale, found_inf=found_inf,
+        workspace={} if workspace is None else workspace)

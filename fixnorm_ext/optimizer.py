@@ -118,6 +118,8 @@ class FusedFixNorm(Optimizer):
         self.requested_backend = backend
         self.backend: Optional[str] = None
         self.backend_reason = ""
+        # Tables a backend derives from the parameter layout, kept between steps.
+        self._workspace: dict = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -146,11 +148,13 @@ class FusedFixNorm(Optimizer):
             self.backend, self.backend_reason = backend, why
             log.info("FusedFixNorm: %s", why)
 
-    def _recorded_target(self, p: torch.Tensor, norm_dim: Optional[int], pending: dict) -> torch.Tensor:
-        """The recorded target of ``p``. A tensor without one (its group switched
-        norm control on after construction) gets the norm it has now, put in
-        ``pending`` to be stored only once the step has passed every check."""
-        recorded = self.state[p].get("target_norm") if p in self.state else None
+    @staticmethod
+    def _recorded_target(p: torch.Tensor, st: Optional[dict], norm_dim: Optional[int], pending: dict) -> torch.Tensor:
+        """The recorded target of ``p`` (``st`` is its state). A tensor without
+        one (its group switched norm control on after construction) gets the
+        norm it has now, put in ``pending`` to be stored only once the step has
+        passed every check."""
+        recorded = st.get("target_norm") if st else None
         expected = () if norm_dim is None or p.dim() == 0 else (p.shape[0],)
         if recorded is None or tuple(recorded.shape) != expected:
             recorded = pending[p] = _initial_target(p, norm_dim)
@@ -179,37 +183,36 @@ class FusedFixNorm(Optimizer):
                 norm=group["norm"], norm_dim=group["norm_dim"])
             gi = len(hypers)
             hypers.append(hyper)
-            explicit = None
-            if group["norm"] is not None and group["target_norm"] is not None:
-                explicit = torch.tensor(float(group["target_norm"]), dtype=torch.float64)
+            explicit = None if group["target_norm"] is None else float(group["target_norm"])
             for p in group["params"]:
-                if p.grad is None:
-                    continue
                 g = p.grad
+                if g is None:
+                    continue
                 if g.is_sparse:
                     raise RuntimeError("FusedFixNorm does not support sparse gradients")
-                if torch.is_complex(p):
-                    raise RuntimeError("FusedFixNorm does not support complex parameters")
                 if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                     raise RuntimeError(
                         f"gradient ({g.dtype}, {tuple(g.shape)}, {g.device}) does not match its parameter "
                         f"({p.dtype}, {tuple(p.shape)}, {p.device})")
+                st = self.state.get(p)  # .get: a refused step must not create state entries
                 params.append(p)
                 grads.append(g)
-                bufs.append(self.state[p].get("momentum_buffer") if hyper.momentum != 0 and p in self.state else None)
+                bufs.append(st.get("momentum_buffer") if st and hyper.momentum != 0 else None)
                 group_index.append(gi)
-                if group["norm"] is None:
+                if hyper.norm is None:
                     targets.append(None)
+                elif explicit is not None:
+                    targets.append(explicit)
                 else:
-                    targets.append(explicit if explicit is not None
-                                   else self._recorded_target(p, group["norm_dim"], pending_targets))
+                    targets.append(self._recorded_target(p, st, hyper.norm_dim, pending_targets))
         if not params:
             return loss
         for p, target in pending_targets.items():
             self.state[p]["target_norm"] = target
 
         new_bufs = fixnorm_step(params, grads, bufs, group_index=group_index, groups=hypers, targets=targets,
-                                backend=self.backend, grad_scale=grad_scale, found_inf=found_inf)
+                                backend=self.backend, grad_scale=grad_scale, found_inf=found_inf,
+                                workspace=self._workspace)
         created = [i for i, (old, new) in enumerate(zip(bufs, new_bufs)) if old is None and new is not None]
         # A step skipped for an overflow creates no momentum buffer either.
         if created and not (found_inf is not None and bool(found_inf.item())):

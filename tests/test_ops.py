@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fixnorm_ext import available_backends
-from fixnorm_ext.dispatch import GroupHyper, build_tables
+from fixnorm_ext.dispatch import GroupHyper, build_hparams, build_tables
 
 pytestmark = pytest.mark.skipif(available_backends("cpu")["cpu"] is not None,
                                 reason=str(available_backends("cpu")["cpu"]))
@@ -21,7 +21,8 @@ def op_args(dtype=torch.float32):
     group_index = [0, 1, 0]
     targets = [torch.ones(5, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64),
                torch.full((4,), 2.0, dtype=torch.float64)]
-    hparams, meta, flat = build_tables(params, bufs, group_index=group_index, groups=groups, targets=targets)
+    meta, flat = build_tables(params, bufs, group_index=group_index, groups=groups, targets=targets)
+    hparams = build_hparams(groups)
     return params, grads, [bufs[0], bufs[2]], hparams, meta, flat
 
 
