@@ -3,15 +3,15 @@
 // The step is memory bound: SGD with momentum moves 5 values per element
 // (read p, g, buf; write p, buf). Renormalising needs the norm of the
 // *updated* weights, so each norm-controlled tensor is touched twice: pass 1
-// updates, writes the new weights in the accumulation type to a scratch
-// buffer and accumulates per-segment sums of squares; pass 2 reads the scratch
-// buffer, rescales and writes the parameter once. Tensors are processed in
-// buckets of about kBucketElems elements, pass 1 then pass 2 per bucket, so
-// the scratch buffer (reused every bucket and every step) stays in cache and
-// the parameter is written to memory only once, rounded once. Pass 2 walks
-// each thread's items in reverse, so it starts with what that thread touched
-// last. Tensors above kScratchMaxElems are updated in place instead and
-// rescaled in place (rounded twice in low precision).
+// updates and accumulates per-segment sums of squares, pass 2 rescales. To
+// keep pass 2 out of DRAM, tensors are processed in buckets of about
+// kBucketElems elements, pass 1 then pass 2 per bucket, so that pass 2 finds
+// the bucket's weights still in cache; it takes the last-updated items first.
+// A tensor larger than a bucket is a bucket of its own, and its pass 2 reads
+// back from wherever the caches left it.
+//
+// float16 / bfloat16 tensors keep their updated weights in float32 in a
+// scratch buffer between the passes, so they are rounded to storage once.
 //
 // Determinism: work is cut into fixed items (independent of the thread
 // count); each item writes its own partial sum, and segment norms add the
@@ -25,7 +25,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "../fixnorm_meta.h"
@@ -33,10 +36,12 @@
 namespace fixnorm_ext {
 namespace {
 
-constexpr int64_t kItemElems = 8192;           // elements per work item
-constexpr int64_t kBucketElems = int64_t(1) << 17;  // elements per cache bucket
+constexpr int64_t kItemElems = int64_t(1) << 15;  // elements per work item (claimed by one thread)
+constexpr int64_t kBucketElems = int64_t(1) << 18;  // elements per cache bucket
+constexpr int64_t kParallelElems = int64_t(1) << 15;  // smaller steps run on the calling thread
 constexpr int64_t kScratchMaxElems = int64_t(1) << 24;  // larger tensors rescale in place
 constexpr int kLanes = 16;                     // independent accumulators (vectorisable)
+constexpr int64_t kBlockElems = 256;           // squares summed in float32 per block, blocks in float64
 
 // The hot loops are compiled twice, for x86-64-v3 (AVX2, FMA, F16C) and for
 // the baseline, and the loader picks one for the running CPU.
@@ -104,16 +109,19 @@ FIXNORM_INLINE T store(acc v) {
 template <typename acc>
 struct Coeffs {
   acc lr, momentum, one_minus_dampening, weight_decay, grad_scale, sign;
+  bool unscale;  // divide gradients by grad_scale
 };
 
 // The update of one element (steps 1-4); returns the new weight in the
 // accumulation type so its square is taken before rounding to storage.
 template <typename scalar_t, typename out_t, int kMomentum, bool kNesterov, bool kDecay>
 FIXNORM_INLINE acc_t<scalar_t> update_one(const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t i,
-                                  const Coeffs<acc_t<scalar_t>>& c) {
+                                          const Coeffs<acc_t<scalar_t>>& c, bool unscale) {
   using acc = acc_t<scalar_t>;
   const acc pv = load<acc>(p[i]);
-  acc gv = load<acc>(g[i]) / c.grad_scale * c.sign;
+  acc gv = load<acc>(g[i]);
+  if (unscale) gv = gv / c.grad_scale;  // loop invariant: the compiler hoists the test
+  gv = gv * c.sign;
   if constexpr (kDecay) gv = gv + c.weight_decay * pv;
   acc d = gv;
   if constexpr (kMomentum != 0) {
@@ -127,30 +135,38 @@ FIXNORM_INLINE acc_t<scalar_t> update_one(const scalar_t* p, const scalar_t* g, 
 }
 
 // Update [0, n), writing the new weights to `out` (the parameter itself, or
-// scratch), and return their sum of squares. The squares are added in float64
-// (cheap next to the memory traffic, and it keeps fixed norms within float32
-// rounding of their target however long the tensor) over kLanes independent
-// lanes, so the compiler can vectorise without reassociating, then folded in
-// a fixed order.
-template <typename scalar_t, typename out_t, int kMomentum, bool kNesterov, bool kDecay>
+// scratch), and with kNorm return their sum of squares. Squares are added in
+// kLanes independent lanes (so the compiler can vectorise without
+// reassociating) of the accumulation type within blocks of kBlockElems, and
+// the blocks in float64: rounding error stays at a few float32 ulps however
+// long the tensor, and fixed norms do not drift from their target.
+template <typename scalar_t, typename out_t, int kMomentum, bool kNesterov, bool kDecay, bool kNorm>
 FIXNORM_HOT_LOOP double update_range(const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t n,
-                             const Coeffs<acc_t<scalar_t>>& c) {
-  double lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const double v = update_one<scalar_t, out_t, kMomentum, kNesterov, kDecay>(p, g, buf, out, i + j, c);
-      lanes[j] += v * v;
+                                     const Coeffs<acc_t<scalar_t>>& c, bool unscale) {
+  using acc = acc_t<scalar_t>;
+  double total[kLanes] = {};
+  for (int64_t start = 0; start < n; start += kBlockElems) {
+    const int64_t stop = std::min(n, start + kBlockElems);
+    acc lanes[kLanes] = {};
+    int64_t i = start;
+    for (; i + kLanes <= stop; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const acc v = update_one<scalar_t, out_t, kMomentum, kNesterov, kDecay>(p, g, buf, out, i + j, c, unscale);
+        if constexpr (kNorm) lanes[j] += v * v;
+      }
+    }
+    for (int j = 0; i < stop; ++i, ++j) {
+      const acc v = update_one<scalar_t, out_t, kMomentum, kNesterov, kDecay>(p, g, buf, out, i, c, unscale);
+      if constexpr (kNorm) lanes[j] += v * v;
+    }
+    if constexpr (kNorm) {
+      for (int j = 0; j < kLanes; ++j) total[j] += lanes[j];
     }
   }
-  for (int j = 0; i < n; ++i, ++j) {
-    const double v = update_one<scalar_t, out_t, kMomentum, kNesterov, kDecay>(p, g, buf, out, i, c);
-    lanes[j] += v * v;
-  }
   for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+    for (int j = 0; j < width; ++j) total[j] += total[j + width];
   }
-  return lanes[0];
+  return total[0];
 }
 
 // p = src * factor, src being scratch (acc_t) or p itself.
@@ -197,11 +213,12 @@ void add_items(const TensorPlan& t, int64_t tensor, int64_t numel, std::vector<I
 }
 
 template <typename scalar_t>
-Coeffs<acc_t<scalar_t>> coeffs_of(const double* h, double grad_scale) {
+Coeffs<acc_t<scalar_t>> coeffs_of(const double* h, const std::optional<double>& grad_scale) {
   using acc = acc_t<scalar_t>;
   return {static_cast<acc>(h[kLr]), static_cast<acc>(h[kMomentum]),
           static_cast<acc>(1.0 - h[kDampening]), static_cast<acc>(h[kWeightDecay]),
-          static_cast<acc>(grad_scale), static_cast<acc>(h[kMaximize] != 0 ? -1.0 : 1.0)};
+          static_cast<acc>(grad_scale.value_or(1.0)), static_cast<acc>(h[kMaximize] != 0 ? -1.0 : 1.0),
+          grad_scale.has_value()};
 }
 
 // kind = momentum variant (0 none, 1 first step, 2 running) * 4 + nesterov * 2 + decay.
@@ -210,13 +227,14 @@ int kind_of(const double* h, bool init_buffer) {
   return mom * 4 + (h[kNesterov] != 0 ? 2 : 0) + (h[kWeightDecay] != 0 ? 1 : 0);
 }
 
-template <typename scalar_t, typename out_t>
+template <typename scalar_t, typename out_t, bool kNorm>
 double update_dispatch(int kind, const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t n,
-                                const Coeffs<acc_t<scalar_t>>& c) {
+                       const Coeffs<acc_t<scalar_t>>& c) {
   switch (kind) {
-#define FIXNORM_KIND(K)                                                              \
-  case K:                                                                            \
-    return update_range<scalar_t, out_t, (K) / 4, ((K) & 2) != 0, ((K) & 1) != 0>(p, g, buf, out, n, c);
+#define FIXNORM_KIND(K)                                                                           \
+  case K:                                                                                         \
+    return update_range<scalar_t, out_t, (K) / 4, ((K) & 2) != 0, ((K) & 1) != 0, kNorm>(p, g, buf, out, n, c, \
+                                                                                          c.unscale);
     FIXNORM_KIND(0) FIXNORM_KIND(1) FIXNORM_KIND(2) FIXNORM_KIND(3)
     FIXNORM_KIND(4) FIXNORM_KIND(5) FIXNORM_KIND(6) FIXNORM_KIND(7)
     FIXNORM_KIND(8) FIXNORM_KIND(9) FIXNORM_KIND(10) FIXNORM_KIND(11)
@@ -228,8 +246,8 @@ double update_dispatch(int kind, const scalar_t* p, const scalar_t* g, scalar_t*
 // Pass 1 over one item: update, and report each overlapped segment piece's
 // sum of squares to its slot.
 template <typename scalar_t>
-void update_item(const TensorPlan& t, const Item& it, const double* hparams, double grad_scale, double* slots,
-                 char* scratch) {
+void update_item(const TensorPlan& t, const Item& it, const double* hparams, const std::optional<double>& grad_scale,
+                 double* slots, char* scratch) {
   const auto c = coeffs_of<scalar_t>(hparams + t.group * kHparamCols, grad_scale);
   auto* p = static_cast<scalar_t*>(t.p);
   auto* g = static_cast<const scalar_t*>(t.g);
@@ -239,9 +257,14 @@ void update_item(const TensorPlan& t, const Item& it, const double* hparams, dou
     const int64_t seg = lo / t.seg_len;
     const int64_t hi = std::min(it.end, (seg + 1) * t.seg_len);
     scalar_t* b = buf ? buf + lo : nullptr;
-    slots[t.slot_offset + seg * t.pieces_per_seg + (lo - seg * t.seg_len) / kItemElems] =
-        out ? update_dispatch<scalar_t>(t.kind, p + lo, g + lo, b, out + lo, hi - lo, c)
-            : update_dispatch<scalar_t>(t.kind, p + lo, g + lo, b, p + lo, hi - lo, c);
+    double& slot = slots[t.slot_offset + seg * t.pieces_per_seg + (lo - seg * t.seg_len) / kItemElems];
+    if (out) {
+      slot = update_dispatch<scalar_t, acc_t<scalar_t>, true>(t.kind, p + lo, g + lo, b, out + lo, hi - lo, c);
+    } else if (t.mode != kNone) {
+      slot = update_dispatch<scalar_t, scalar_t, true>(t.kind, p + lo, g + lo, b, p + lo, hi - lo, c);
+    } else {
+      update_dispatch<scalar_t, scalar_t, false>(t.kind, p + lo, g + lo, b, p + lo, hi - lo, c);
+    }
     lo = hi;
   }
 }
@@ -274,9 +297,16 @@ void rescale_item(const TensorPlan& t, const Item& it, const double* slots, cons
   }
 }
 
+// Claims and completions of one bucket's items, shared by the threads.
+struct BucketProgress {
+  std::atomic<int64_t> next_update{0};   // next pass-1 item to claim
+  std::atomic<int64_t> updated{0};       // pass-1 items finished
+  std::atomic<int64_t> next_rescale{0};  // next pass-2 item to claim
+};
+
 void run_step(const std::vector<TensorPlan>& plans, const std::vector<Item>& items,
-              const std::vector<int64_t>& bucket_starts, const double* hparams, double grad_scale,
-              int64_t num_slots, int64_t scratch_bytes) {
+              const std::vector<int64_t>& bucket_starts, const double* hparams, const std::optional<double>& grad_scale,
+              int64_t num_slots, int64_t scratch_bytes, int64_t total_elems) {
   std::vector<double> slots(num_slots, 0.0);
   // Reused across steps so its pages stay mapped and warm in cache.
   thread_local std::vector<char> scratch_store;
@@ -295,17 +325,46 @@ void run_step(const std::vector<TensorPlan>& plans, const std::vector<Item>& ite
       rescale_item<scalar_t>(t, it, slots.data(), scratch);
     });
   };
-  for (size_t b = 0; b + 1 < bucket_starts.size(); ++b) {
-    const int64_t first = bucket_starts[b];
-    const int64_t count = bucket_starts[b + 1] - first;
-    // Small buckets are not worth waking the thread pool for.
-    const int64_t elems = items[first + count - 1].end - items[first].begin;
-    const int64_t grain = count > 1 && elems >= 4 * kItemElems ? 1 : count;
-    at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) pass1(items[first + i]);
-    });
-    at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = end - 1; i >= begin; --i) pass2(items[first + i]);
+  // One parallel region for the whole step. Threads claim items one at a
+  // time; the only wait is before pass 2 of a bucket, for the last pass-1
+  // item of that bucket (its norms must be complete). Any number of
+  // participating threads works, so nesting or a smaller pool cannot deadlock,
+  // and results do not depend on who did which item.
+  const int64_t num_buckets = static_cast<int64_t>(bucket_starts.size()) - 1;
+  std::unique_ptr<BucketProgress[]> progress(new BucketProgress[std::max<int64_t>(num_buckets, 1)]);
+  auto count_of = [&](int64_t b) { return bucket_starts[b + 1] - bucket_starts[b]; };
+  auto wait_updated = [&](int64_t b) {
+    for (int spins = 0; progress[b].updated.load(std::memory_order_acquire) < count_of(b); ++spins) {
+      if (spins > 64) std::this_thread::yield();
+    }
+  };
+  // Claim and run one pass-2 item of bucket b; false when none is left.
+  // Last updated first: those weights are the likeliest still in cache.
+  auto rescale_one = [&](int64_t b) {
+    const int64_t i = progress[b].next_rescale.fetch_add(1, std::memory_order_relaxed);
+    if (i >= count_of(b)) return false;
+    pass2(items[bucket_starts[b] + count_of(b) - 1 - i]);
+    return true;
+  };
+  auto work = [&]() {
+    for (int64_t b = 0; b < num_buckets; ++b) {
+      BucketProgress& pr = progress[b];
+      for (int64_t i; (i = pr.next_update.fetch_add(1, std::memory_order_relaxed)) < count_of(b);) {
+        pass1(items[bucket_starts[b] + i]);
+        pr.updated.fetch_add(1, std::memory_order_release);
+      }
+      wait_updated(b);
+      while (rescale_one(b)) {
+      }
+    }
+  };
+  // A small step is not worth waking the thread pool for.
+  const int64_t threads = items.size() > 1 && total_elems >= kParallelElems ? at::get_num_threads() : 1;
+  if (threads <= 1) {
+    work();
+  } else {
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) work();
     });
   }
 }
@@ -339,7 +398,7 @@ void fixnorm_step_cpu(at::TensorList params, at::TensorList grads,
   std::vector<Item> items;
   std::vector<int64_t> bucket_starts{0};
   std::vector<bool> buffer_used(momentum_buffers.size(), false);
-  int64_t num_slots = 0, bucket_elems = 0, bucket_scratch = 0, scratch_bytes = 0;
+  int64_t num_slots = 0, bucket_elems = 0, bucket_scratch = 0, scratch_bytes = 0, total_elems = 0;
   for (int64_t i = 0; i < num_tensors; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
@@ -392,7 +451,7 @@ void fixnorm_step_cpu(at::TensorList params, at::TensorList grads,
     }
     t.scratch_offset = -1;
     if (numel == 0) continue;
-    if (t.mode != kNone && numel <= kScratchMaxElems) {
+    if (t.mode != kNone && numel <= kScratchMaxElems && (dtype == at::kHalf || dtype == at::kBFloat16)) {
       // Scratch offsets are relative to the bucket, 64-byte aligned; the
       // parameter's own element index addresses it (scratch + offset)[i].
       const int64_t acc_size = dtype == at::kDouble ? 8 : 4;
@@ -403,6 +462,7 @@ void fixnorm_step_cpu(at::TensorList params, at::TensorList grads,
     num_slots += segs * t.pieces_per_seg;
     add_items(t, i, numel, items);
     bucket_elems += numel;
+    total_elems += numel;
     if (bucket_elems >= kBucketElems) {
       bucket_starts.push_back(static_cast<int64_t>(items.size()));
       bucket_elems = 0;
@@ -412,8 +472,9 @@ void fixnorm_step_cpu(at::TensorList params, at::TensorList grads,
   if (bucket_starts.back() != static_cast<int64_t>(items.size())) bucket_starts.push_back(static_cast<int64_t>(items.size()));
 
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;
-  const double scale = grad_scale.has_value() ? grad_scale->item<double>() : 1.0;
-  run_step(plans, items, bucket_starts, h, scale, num_slots, scratch_bytes);
+  const std::optional<double> scale =
+      grad_scale.has_value() ? std::optional<double>(grad_scale->item<double>()) : std::nullopt;
+  run_step(plans, items, bucket_starts, h, scale, num_slots, scratch_bytes, total_elems);
 }
 
 }  // namespace
