@@ -12,6 +12,8 @@
 //
 // float16 / bfloat16 tensors keep their updated weights in float32 in a
 // scratch buffer between the passes, so they are rounded to storage once.
+// float32 with a running momentum buffer goes through a hand-written AVX2
+// loop (where the CPU has it) that streams the buffer past the caches.
 //
 // Determinism: work is cut into fixed items (independent of the thread
 // count); each item writes its own partial sum, and segment norms add the
@@ -32,6 +34,10 @@
 #include <vector>
 
 #include "../fixnorm_meta.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#include <immintrin.h>
+#endif
 
 namespace fixnorm_ext {
 namespace {
@@ -176,6 +182,51 @@ FIXNORM_HOT_LOOP void scale_range(scalar_t* p, const src_t* src, int64_t n, acc_
   for (int64_t i = 0; i < n; ++i) p[i] = store<scalar_t>(load<acc>(src[i]) * factor);
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define FIXNORM_AVX2_PATH 1
+// float32 with a running momentum buffer, in place: the most common case, in
+// AVX2 by hand so that the buffer can be written with non-temporal stores.
+// They keep the buffer (not read again this step) from pushing the freshly
+// updated weights out of cache before pass 2 reads them back. Handles
+// n - n % 16 elements; `buf` must be 32-byte aligned.
+__attribute__((target("avx2,fma"))) double update_f32_avx2(float* p, const float* g, float* buf, int64_t n,
+                                                          const Coeffs<float>& c, bool nesterov, bool decay) {
+  const __m256 lr = _mm256_set1_ps(c.lr), mu = _mm256_set1_ps(c.momentum);
+  const __m256 omd = _mm256_set1_ps(c.one_minus_dampening), wd = _mm256_set1_ps(c.weight_decay);
+  const __m256 sign = _mm256_set1_ps(c.sign), scale = _mm256_set1_ps(c.grad_scale);
+  __m256d total = _mm256_setzero_pd();
+  const int64_t full = n - n % 16;
+  for (int64_t start = 0; start < full; start += kBlockElems) {
+    const int64_t stop = std::min(full, start + kBlockElems);
+    __m256 lanes[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = start; i < stop; i += 16) {
+      for (int h = 0; h < 2; ++h) {
+        const int64_t k = i + 8 * h;
+        const __m256 pv = _mm256_loadu_ps(p + k);
+        __m256 gv = _mm256_loadu_ps(g + k);
+        if (c.unscale) gv = _mm256_div_ps(gv, scale);
+        gv = _mm256_mul_ps(gv, sign);
+        if (decay) gv = _mm256_add_ps(gv, _mm256_mul_ps(wd, pv));
+        const __m256 b = _mm256_add_ps(_mm256_mul_ps(mu, _mm256_load_ps(buf + k)), _mm256_mul_ps(omd, gv));
+        _mm256_stream_ps(buf + k, b);
+        const __m256 d = nesterov ? _mm256_add_ps(gv, _mm256_mul_ps(mu, b)) : b;
+        const __m256 np = _mm256_sub_ps(pv, _mm256_mul_ps(lr, d));
+        _mm256_storeu_ps(p + k, np);
+        lanes[h] = _mm256_add_ps(lanes[h], _mm256_mul_ps(np, np));
+      }
+    }
+    const __m256 block = _mm256_add_ps(lanes[0], lanes[1]);
+    total = _mm256_add_pd(total, _mm256_cvtps_pd(_mm256_castps256_ps128(block)));
+    total = _mm256_add_pd(total, _mm256_cvtps_pd(_mm256_extractf128_ps(block, 1)));
+  }
+  _mm_sfence();  // streamed stores are weakly ordered: publish them before the item counts as done
+  alignas(32) double t[4];
+  _mm256_store_pd(t, total);
+  return (t[0] + t[1]) + (t[2] + t[3]);
+}
+const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+
 // Per-tensor plan. Segments are the whole tensor or each dim-0 slice; a
 // segment longer than kItemElems is cut into pieces, and each piece owns one
 // partial sum (slot).
@@ -260,10 +311,28 @@ void update_item(const TensorPlan& t, const Item& it, const double* hparams, con
     double& slot = slots[t.slot_offset + seg * t.pieces_per_seg + (lo - seg * t.seg_len) / kItemElems];
     if (out) {
       slot = update_dispatch<scalar_t, acc_t<scalar_t>, true>(t.kind, p + lo, g + lo, b, out + lo, hi - lo, c);
-    } else if (t.mode != kNone) {
-      slot = update_dispatch<scalar_t, scalar_t, true>(t.kind, p + lo, g + lo, b, p + lo, hi - lo, c);
     } else {
-      update_dispatch<scalar_t, scalar_t, false>(t.kind, p + lo, g + lo, b, p + lo, hi - lo, c);
+      // In place. The float32 AVX2 path takes norm-controlled and plain
+      // tensors alike, so switching norm control on or off never changes
+      // the SGD arithmetic.
+      int64_t done = 0;
+      double head = 0.0;
+#ifdef FIXNORM_AVX2_PATH
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (kHasAvx2 && t.kind / 4 == 2 && (reinterpret_cast<uintptr_t>(b) & 31) == 0) {
+          done = (hi - lo) - (hi - lo) % 16;
+          head = update_f32_avx2(p + lo, g + lo, b, hi - lo, c, (t.kind & 2) != 0, (t.kind & 1) != 0);
+        }
+      }
+#endif
+      scalar_t* b_rest = b ? b + done : nullptr;
+      if (t.mode != kNone) {
+        slot = head + update_dispatch<scalar_t, scalar_t, true>(t.kind, p + lo + done, g + lo + done, b_rest,
+                                                                p + lo + done, hi - lo - done, c);
+      } else {
+        update_dispatch<scalar_t, scalar_t, false>(t.kind, p + lo + done, g + lo + done, b_rest, p + lo + done,
+                                                   hi - lo - done, c);
+      }
     }
     lo = hi;
   }
