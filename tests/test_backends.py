@@ -122,13 +122,10 @@ def reference_step(opt: FusedFixNorm, params, grads):
     return results
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(SHAPES))
-def test_step_by_step_against_reference(backend, dtype, case):
-    params = make_params(SHAPES[case], dtype)
-    opt = FusedFixNorm(group_specs(params), lr=0.05, backend=backend)
-    for step in range(5):
+def check_steps_against_reference(opt, params, steps, what):
+    """Take ``steps`` steps; after each, every param and momentum buffer must
+    equal one float64 reference step from the state before it."""
+    for step in range(steps):
         grads = make_grads(params, step)
         expected = reference_step(opt, params, grads)
         for p, g in zip(params, grads):
@@ -136,13 +133,22 @@ def test_step_by_step_against_reference(backend, dtype, case):
         opt.step()
         for i, (p64, buf64) in expected.items():
             p = params[i]
-            assert_close_dtype(p.detach(), p64.to(dtype), dtype, f"{case} step {step} param {i}")
+            assert_close_dtype(p.detach(), p64.to(p.dtype), p.dtype, f"{what} step {step} param {i}")
             buf = opt.state[p].get("momentum_buffer")
             if buf64 is None:
                 assert buf is None
             else:
-                assert buf.dtype == dtype and buf.shape == p.shape
-                assert_close_dtype(buf, buf64.to(dtype), dtype, f"{case} step {step} buffer {i}")
+                assert buf.dtype == p.dtype and buf.shape == p.shape
+                assert_close_dtype(buf, buf64.to(p.dtype), p.dtype, f"{what} step {step} buffer {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(SHAPES))
+def test_step_by_step_against_reference(backend, dtype, case):
+    params = make_params(SHAPES[case], dtype)
+    opt = FusedFixNorm(group_specs(params), lr=0.05, backend=backend)
+    check_steps_against_reference(opt, params, 5, case)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -173,28 +179,14 @@ def test_many_tensors_mixed_groups(backend):
     sizes = torch.randint(0, 400, (240,), generator=gen).tolist()
     params = [torch.randn(s, 3, generator=gen).requires_grad_() for s in sizes]
     opt = FusedFixNorm(group_specs(params), lr=0.1, backend=backend)
-    for step in range(5):
-        grads = make_grads(params, step)
-        expected = reference_step(opt, params, grads)
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-        for i, (p64, _) in expected.items():
-            assert_close_dtype(params[i].detach(), p64.float(), torch.float32, f"tensor {i}")
+    check_steps_against_reference(opt, params, 5, "240 tensors")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_dtypes_in_one_optimizer(backend):
     params = make_params([(40, 3), (17,)], torch.float32) + make_params([(40, 3), (17,)], torch.bfloat16, seed=1)
     opt = FusedFixNorm(group_specs(params), lr=0.05, backend=backend)
-    for step in range(3):
-        grads = make_grads(params, step)
-        expected = reference_step(opt, params, grads)
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-        for i, (p64, _) in expected.items():
-            assert_close_dtype(params[i].detach(), p64.to(params[i].dtype), params[i].dtype, f"tensor {i}")
+    check_steps_against_reference(opt, params, 3, "float32 + bfloat16")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

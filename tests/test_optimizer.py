@@ -257,8 +257,8 @@ def test_state_dict_keeps_sgd_momentum_buffer(backend):
         assert (g["norm"], g["target_norm"], g["norm_dim"]) == (None, None, None)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sgd_checkpoint_continues_in_fused(backend):
+def uninterrupted_sgd_run():
+    """Six SGD steps without a checkpoint: the trajectory a resumed run must follow."""
     init = make_params(torch.float64)
     grads = make_grads(init, 6)
     straight = clone_params(init)
@@ -266,6 +266,12 @@ def test_sgd_checkpoint_continues_in_fused(backend):
     for g in grads:
         set_grads(straight, g)
         sgd_straight.step()
+    return init, grads, straight, sgd_straight
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_checkpoint_continues_in_fused(backend):
+    init, grads, straight, sgd_straight = uninterrupted_sgd_run()
 
     first = clone_params(init)
     sgd = torch.optim.SGD(two_group_sgd_layout(first), lr=0.1, momentum=0.9)
@@ -291,13 +297,7 @@ def test_sgd_checkpoint_continues_in_fused(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_checkpoint_continues_in_sgd(backend):
-    init = make_params(torch.float64)
-    grads = make_grads(init, 6)
-    straight = clone_params(init)
-    sgd_straight = torch.optim.SGD(two_group_sgd_layout(straight), lr=0.1, momentum=0.9)
-    for g in grads:
-        set_grads(straight, g)
-        sgd_straight.step()
+    init, grads, straight, sgd_straight = uninterrupted_sgd_run()
 
     first = clone_params(init)
     opt = FusedFixNorm(two_group_sgd_layout(first), lr=0.1, momentum=0.9, backend=backend)
