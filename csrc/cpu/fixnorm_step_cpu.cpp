@@ -409,15 +409,24 @@ void run_step(const std::vector<TensorPlan>& plans, const std::vector<Item>& ite
   };
   // Claim and run one pass-2 item of bucket b; false when none is left.
   // Last updated first: those weights are the likeliest still in cache.
+  std::atomic<int64_t> rescaled{0};  // pass-2 items finished, all buckets
   auto rescale_one = [&](int64_t b) {
     const int64_t i = progress[b].next_rescale.fetch_add(1, std::memory_order_relaxed);
     if (i >= count_of(b)) return false;
     pass2(items[bucket_starts[b] + count_of(b) - 1 - i]);
+    rescaled.fetch_add(1, std::memory_order_release);
     return true;
   };
   auto work = [&]() {
     for (int64_t b = 0; b < num_buckets; ++b) {
       BucketProgress& pr = progress[b];
+      // Every bucket reuses the same scratch: before writing it, wait until
+      // every earlier bucket's pass 2 has read its part.
+      if (scratch_bytes > 0) {
+        for (int spins = 0; rescaled.load(std::memory_order_acquire) < bucket_starts[b]; ++spins) {
+          if (spins > 64) std::this_thread::yield();
+        }
+      }
       for (int64_t i; (i = pr.next_update.fetch_add(1, std::memory_order_relaxed)) < count_of(b);) {
         pass1(items[bucket_starts[b] + i]);
         pr.updated.fetch_add(1, std::memory_order_release);
