@@ -34,7 +34,7 @@ setup(
     name="fixnorm_ext",
     version="0.1.0",
     description="FixNorm (weight-norm control instead of weight decay) as a fused PyTorch optimizer",
-    packages=find_packages(include=["fixnorm_ext", "fixnorm_ext.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["fixnorm_ext", "fixnorm_ext.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     ext_modules=[cpu_extension()],

@@ -6,6 +6,7 @@ imported, and a missing backend always comes with the reason it is missing.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from fixnorm_ext import reference
 log = logging.getLogger("fixnorm_ext")
 
 try:
-    from fixnorm_ext import _C  # noqa: F401  (loading it registers the torch.ops.fixnorm_ext ops)
+    importlib.import_module("fixnorm_ext._C")  # loading it registers the torch.ops.fixnorm_ext ops
 
     EXTENSION_ERROR: Optional[str] = None
 
@@ -212,11 +213,12 @@ def build_tables(params, bufs, *, group_index, groups, targets):
 
 def _layout_key(params, bufs, group_index, groups, targets) -> tuple:
     """What the meta / targets tables depend on. Recorded targets enter by
-    identity: they change only when the optimizer replaces them."""
+    identity and version counter, so replacing one or editing it in place
+    both rebuild the tables."""
     return (
         tuple(id(p) for p in params), tuple(group_index), tuple(b is None for b in bufs),
         tuple((h.norm, h.norm_dim, h.momentum != 0) for h in groups),
-        tuple(t if t is None or isinstance(t, float) else id(t) for t in targets),
+        tuple(t if t is None or isinstance(t, float) else (id(t), t._version) for t in targets),
     )
 
 

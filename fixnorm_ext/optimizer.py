@@ -18,17 +18,33 @@ log = logging.getLogger("fixnorm_ext")
 _FIXNORM_KEYS = ("norm", "target_norm", "norm_dim")
 
 
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def _scalar(value, name: str) -> float:
+    """A hyperparameter given as a number or a one-element tensor, as a float."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
-        return float(value)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or a one-element tensor, got {type(value).__name__} {value!r}")
     return float(value)
+
+
+def _check_param(p) -> None:
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"FusedFixNorm params must be tensors, got {type(p).__name__}")
+    if torch.is_complex(p):
+        raise ValueError("FusedFixNorm does not support complex parameters (view them as real with torch.view_as_real)")
+    if p.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"FusedFixNorm supports float32, float64, bfloat16 and float16 parameters, not {p.dtype}")
 
 
 def _check_group(group: dict) -> None:
     """Raise ValueError for any invalid hyperparameter of one group."""
     lr = _scalar(group["lr"], "lr")
+    for key in ("momentum", "dampening", "weight_decay"):
+        _scalar(group[key], key)
     if not lr >= 0.0:
         raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
     if not group["momentum"] >= 0.0:
@@ -40,9 +56,10 @@ def _check_group(group: dict) -> None:
     if group["norm"] not in NORM_MODES:
         raise ValueError(f"Invalid norm mode {group['norm']!r}: expected None, 'fixed' or 'max'")
     target = group["target_norm"]
-    if target is not None and not (isinstance(target, (int, float)) and math.isfinite(target) and target > 0):
+    if target is not None and not (isinstance(target, (int, float)) and not isinstance(target, bool)
+                                   and math.isfinite(target) and target > 0):
         raise ValueError(f"Invalid target_norm {target!r}: expected None (the norm at construction) or a finite number > 0")
-    if group["norm_dim"] not in (None, 0):
+    if not (group["norm_dim"] is None or (type(group["norm_dim"]) is int and group["norm_dim"] == 0)):
         raise ValueError(f"Invalid norm_dim {group['norm_dim']!r}: expected None (whole tensor) or 0 (each dim-0 slice)")
 
 
@@ -122,6 +139,18 @@ class FusedFixNorm(Optimizer):
         self._workspace: dict = {}
         super().__init__(params, defaults)
 
+    def __getstate__(self):
+        # torch's Optimizer pickles defaults, state and param_groups only; the
+        # requested backend travels too, and the rest is derived again.
+        return {**super().__getstate__(), "requested_backend": self.requested_backend}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("requested_backend", "auto")
+        self._workspace = {}
+        devices = {p.device.type for g in self.param_groups for p in g["params"]}
+        self.backend, self.backend_reason = resolve_backend(self.requested_backend, devices)
+
     def add_param_group(self, param_group: dict) -> None:
         """Add a group, validate it, record the target norms of its parameters
         and (for ``"auto"``) choose the backend again."""
@@ -132,8 +161,7 @@ class FusedFixNorm(Optimizer):
         param_group = {**param_group, "params": entries}
         params = [e[1] if isinstance(e, tuple) else e for e in entries]
         for p in params:
-            if isinstance(p, torch.Tensor) and torch.is_complex(p):
-                raise ValueError("FusedFixNorm does not support complex parameters (view them as real with torch.view_as_real)")
+            _check_param(p)
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _check_group(merged)
         devices = {p.device.type for g in self.param_groups for p in g["params"]} | {p.device.type for p in params}
@@ -207,12 +235,12 @@ class FusedFixNorm(Optimizer):
                     targets.append(self._recorded_target(p, st, hyper.norm_dim, pending_targets))
         if not params:
             return loss
-        for p, target in pending_targets.items():
-            self.state[p]["target_norm"] = target
 
         new_bufs = fixnorm_step(params, grads, bufs, group_index=group_index, groups=hypers, targets=targets,
                                 backend=self.backend, grad_scale=grad_scale, found_inf=found_inf,
                                 workspace=self._workspace)
+        for p, target in pending_targets.items():
+            self.state[p]["target_norm"] = target
         created = [i for i, (old, new) in enumerate(zip(bufs, new_bufs)) if old is None and new is not None]
         # A step skipped for an overflow creates no momentum buffer either.
         if created and not (found_inf is not None and bool(found_inf.item())):

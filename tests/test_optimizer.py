@@ -23,6 +23,7 @@ float32   4 eps32 x the tensor's largest |value|   SGD rounds each ATen op in fl
 """
 import copy
 import io
+import pickle
 import os
 import subprocess
 import sys
@@ -1033,3 +1034,52 @@ def test_grad_scaler_overflow_on_first_step_is_a_no_op(backend):
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], fresh_opt.state[q]["momentum_buffer"],
                                    **SCALED, msg=lambda m: f"buffer {i}: {m}")
         torch.testing.assert_close(fresh_opt.state[q]["momentum_buffer"], q.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_optimizer_keeps_its_backend_and_steps(backend, how):
+    p = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    opt = FusedFixNorm([p], lr=0.1, momentum=0.9, norm="fixed", backend=backend)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert twin.backend == backend and twin.requested_backend == backend
+    (q,) = twin.param_groups[0]["params"]
+    q.grad = p.grad.clone()
+    twin.step()
+    opt.step()
+    assert torch.equal(p.detach(), q.detach())
+    assert torch.equal(opt.state[p]["momentum_buffer"], twin.state[q]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place_edit_of_recorded_target_takes_effect(backend):
+    p = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    opt = FusedFixNorm([p], lr=0.1, momentum=0.9, norm="fixed", backend=backend)
+    for _ in range(2):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    opt.state[p]["target_norm"].mul_(2.0)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    torch.testing.assert_close(p.detach().norm(), opt.state[p]["target_norm"], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(lr="0.1"), TypeError, "lr must be a number"),
+    (dict(lr=True), TypeError, "lr must be a number"),
+    (dict(momentum="0.9"), TypeError, "momentum must be a number"),
+    (dict(norm="fixed", target_norm=True), ValueError, "Invalid target_norm"),
+    (dict(norm_dim=False), ValueError, "Invalid norm_dim"),
+    (dict(norm_dim=0.0), ValueError, "Invalid norm_dim"),
+])
+def test_hyperparameters_of_the_wrong_type_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FusedFixNorm([torch.randn(3, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int64])
+def test_unsupported_parameter_dtypes_are_refused_at_construction(dtype):
+    with pytest.raises(ValueError, match="supports float32, float64, bfloat16 and float16"):
+        FusedFixNorm([torch.zeros(3).to(dtype)], lr=0.1)
