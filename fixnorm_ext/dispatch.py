@@ -222,23 +222,56 @@ def _layout_key(params, bufs, group_index, groups, targets) -> tuple:
     )
 
 
+def _dense(p: torch.Tensor) -> bool:
+    """Whether ``p``'s elements fill one block of memory without gaps or
+    overlaps, in any order of dimensions (contiguous, channels_last, transposed)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(p.shape, p.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _walks_flat(p: torch.Tensor, norm_dim: Optional[int]) -> bool:
+    """Whether the kernel can step ``p`` in place as one block of memory (with
+    ``norm_dim=0``, each dim-0 slice must be a block of its own)."""
+    if p.numel() == 0:
+        return p.is_contiguous()
+    if not _dense(p):
+        return False
+    if norm_dim == 0 and p.dim() > 0 and p.shape[0] > 1 and p.numel() > 0:
+        return p.stride(0) == p.numel() // p.shape[0]
+    return True
+
+
+def _like(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in ``p``'s memory layout."""
+    return torch.empty_like(p).copy_(t)
+
+
 def _step_cpu(params, grads, bufs, *, group_index, groups, targets, grad_scale, found_inf, workspace):
     key = _layout_key(params, bufs, group_index, groups, targets)
     if workspace.get("cpu_key") != key:
         workspace["cpu_key"] = key
         workspace["cpu_tables"] = build_tables(params, bufs, group_index=group_index, groups=groups, targets=targets)
+        # The kernel walks each tensor as one flat block: any dense layout
+        # works (channels_last, transposed) when grad and buffer share the
+        # param's strides; anything else goes through contiguous copies
+        # written back after.
+        workspace["cpu_flat"] = [_walks_flat(p, groups[gi].norm_dim if groups[gi].norm else None)
+                                 for p, gi in zip(params, group_index)]
     meta, flat_targets = workspace["cpu_tables"]
+    flat = workspace["cpu_flat"]
     hparams = build_hparams(groups)
     out = [
-        torch.empty_like(p, memory_format=torch.contiguous_format)
+        (torch.empty_like(p) if ok else torch.empty_like(p, memory_format=torch.contiguous_format))
         if buf is None and groups[gi].momentum != 0 else buf
-        for p, buf, gi in zip(params, bufs, group_index)
+        for p, buf, gi, ok in zip(params, bufs, group_index, flat)
     ]
-    # The kernel walks flat memory: strided tensors go through contiguous
-    # copies that are written back afterwards.
-    ps = [p if p.is_contiguous() else p.contiguous() for p in params]
-    bs = [b if b is None or b.is_contiguous() else b.contiguous() for b in out]
-    gs = [g.contiguous() for g in grads]
+    ps = [p if ok else p.contiguous() for p, ok in zip(params, flat)]
+    bs = [b if b is None or b.stride() == p.stride() else _like(p, b) for p, b in zip(ps, out)]
+    gs = [g if g.stride() == p.stride() else _like(p, g) for p, g in zip(ps, grads)]
     torch.ops.fixnorm_ext.fixnorm_step(ps, gs, [b for b in bs if b is not None], hparams, meta, flat_targets,
                                        grad_scale, found_inf)
     for dst, src in zip(params, ps):

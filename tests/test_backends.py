@@ -274,3 +274,29 @@ def test_cpu_backend_is_deterministic_across_thread_counts(dtype):
     for run in results[1:]:
         for a, b in zip(results[0], run):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_channels_last_parameters(backend, dtype):
+    """channels_last conv weights with channels_last grads (what autograd
+    gives them), whole-tensor and per-filter norms: same results as the
+    reference, and the params keep their layout."""
+    gen = torch.Generator().manual_seed(11)
+
+    def conv_weight(shape):
+        w = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+        return w.to(memory_format=torch.channels_last).requires_grad_()
+
+    params = [conv_weight((16, 8, 3, 3)), conv_weight((32, 16, 1, 1)), conv_weight((24, 5, 3, 3)),
+              conv_weight((7, 3, 5, 5))]
+    opt = FusedFixNorm(group_specs(params), lr=0.05, backend=backend)
+    for step in range(4):
+        grads = [g.to(memory_format=torch.channels_last) for g in make_grads(params, step)]
+        expected = reference_step(opt, params, grads)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        for i, (p64, _) in expected.items():
+            assert params[i].is_contiguous(memory_format=torch.channels_last)
+            assert_close_dtype(params[i].detach(), p64.to(dtype), dtype, f"step {step} param {i}")

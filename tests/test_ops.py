@@ -57,11 +57,12 @@ def test_found_inf_is_a_no_op():
     (lambda a: a[4][1].__setitem__(5, 1), "has a momentum buffer but its group has no momentum"),
     (lambda a: a[4][2].__setitem__(5, 0), "already taken"),
     (lambda a: a[2].pop(), "out of range"),
-    (lambda a: a[2].__setitem__(1, torch.zeros(4, 5)), "must be a contiguous CPU tensor shaped"),
+    (lambda a: a[2].__setitem__(1, torch.zeros(4, 5)), "dtype, shape and strides of param"),
     (lambda a: a[4][2].__setitem__(1, 7), "unknown mode"),
     (lambda a: a[4][2].__setitem__(0, 5), "names group"),
     (lambda a: a[4][2].__setitem__(4, 100), "outside targets"),
-    (lambda a: a[0].__setitem__(2, torch.randn(4, 4).t()), "not contiguous"),
+    (lambda a: a[0].__setitem__(2, torch.randn(4, 4).t()), "other strides than the param"),
+    (lambda a: a[0].__setitem__(2, torch.randn(4, 8)[:, ::2]), "is not dense"),
     (lambda a: a[0].__setitem__(2, torch.randn(4, 4, dtype=torch.complex64)), "unsupported dtype"),
 ])
 def test_bad_calls_change_nothing(breakage, message):

@@ -488,7 +488,10 @@ void fixnorm_step_cpu(at::TensorList params, at::TensorList grads,
     TORCH_CHECK(!p.is_sparse() && !g.is_sparse(), "fixnorm_step: sparse tensors are not supported (tensor ", i, ")");
     TORCH_CHECK(g.scalar_type() == dtype && g.sizes() == p.sizes(), "fixnorm_step: grad ", i, " (", g.scalar_type(),
                 g.sizes(), ") does not match its param (", dtype, p.sizes(), ")");
-    TORCH_CHECK(p.is_contiguous() && g.is_contiguous(), "fixnorm_step: tensor ", i, " is not contiguous");
+    // The kernel walks each tensor as one flat block of memory: any dense
+    // layout works (channels_last too) as long as grad and buffer share it.
+    TORCH_CHECK(p.is_non_overlapping_and_dense() && g.strides() == p.strides(), "fixnorm_step: tensor ", i,
+                " is not dense, or its grad has other strides than the param");
     TORCH_CHECK(row[kGroup] >= 0 && row[kGroup] < num_groups, "fixnorm_step: tensor ", i, " names group ",
                 row[kGroup], " of ", num_groups);
     TORCH_CHECK(row[kMode] >= kNone && row[kMode] <= kMax, "fixnorm_step: tensor ", i, " has unknown mode ", row[kMode]);
@@ -504,12 +507,14 @@ void fixnorm_step_cpu(at::TensorList params, at::TensorList grads,
       buffer_used[bi] = true;
       const at::Tensor& buf = momentum_buffers[bi];
       TORCH_CHECK(buf.device().is_cpu() && buf.scalar_type() == dtype && buf.sizes() == p.sizes() &&
-                      buf.is_contiguous(),
-                  "fixnorm_step: momentum buffer ", bi, " must be a contiguous CPU tensor shaped and typed like param ", i);
+                      buf.strides() == p.strides(),
+                  "fixnorm_step: momentum buffer ", bi, " must be a CPU tensor with the dtype, shape and strides of param ", i);
     }
     const int64_t numel = p.numel();
     const bool rows = row[kNormDim] == 0 && p.dim() > 0;
     const int64_t segs = rows ? p.size(0) : 1;
+    TORCH_CHECK(!rows || segs <= 1 || numel == 0 || p.stride(0) == numel / segs, "fixnorm_step: tensor ", i,
+                " has norm_dim=0 but its dim-0 slices are not contiguous blocks (stride ", p.stride(0), ")");
     TensorPlan& t = plans[i];
     t.p = p.data_ptr();
     t.g = g.data_ptr();
