@@ -224,7 +224,7 @@ __attribute__((target("avx2,fma"))) double update_f32_avx2(float* p, const float
   _mm256_store_pd(t, total);
   return (t[0] + t[1]) + (t[2] + t[3]);
 }
-const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+const bool kHasAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
 #endif
 
 // Per-tensor plan. Segments are the whole tensor or each dim-0 slice; a
