@@ -21,6 +21,9 @@ bfloat16  1 eps_bf16  4 eps32     float32 math, rounded once to bfloat16: the on
 float16   1 eps_fp16  4 eps32     as bfloat16
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -300,3 +303,17 @@ def test_channels_last_parameters(backend, dtype):
         for i, (p64, _) in expected.items():
             assert params[i].is_contiguous(memory_format=torch.channels_last)
             assert_close_dtype(params[i].detach(), p64.to(dtype), dtype, f"step {step} param {i}")
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason=str(available_backends("cpu")["cpu"]))
+def test_generic_float32_loops_without_the_avx2_path():
+    """Where the CPU has AVX2, float32 with a running buffer takes a
+    hand-written loop; run the float32 and float64 cpu cases once more with it
+    switched off, so the generic loops are checked on this machine too."""
+    env = {**os.environ, "FIXNORM_CPU_GENERIC": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "cpu and (float32 or float64) and not generic"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout

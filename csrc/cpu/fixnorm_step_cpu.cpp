@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -224,7 +225,10 @@ __attribute__((target("avx2,fma"))) double update_f32_avx2(float* p, const float
   _mm256_store_pd(t, total);
   return (t[0] + t[1]) + (t[2] + t[3]);
 }
-const bool kHasAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+// FIXNORM_CPU_GENERIC=1 turns the hand-written path off, so that tests can
+// check the generic loops on a machine that has AVX2.
+const bool kHasAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) &&
+                      std::getenv("FIXNORM_CPU_GENERIC") == nullptr;
 #endif
 
 // Per-tensor plan. Segments are the whole tensor or each dim-0 slice; a
