@@ -240,7 +240,7 @@ def _walks_flat(p: torch.Tensor, norm_dim: Optional[int]) -> bool:
         return p.is_contiguous()
     if not _dense(p):
         return False
-    if norm_dim == 0 and p.dim() > 0 and p.shape[0] > 1 and p.numel() > 0:
+    if norm_dim == 0 and p.dim() > 0 and p.shape[0] > 1:
         return p.stride(0) == p.numel() // p.shape[0]
     return True
 

@@ -68,6 +68,14 @@ def set_grads(params, grads):
         p.grad = None if g is None else g.clone()
 
 
+def step_both(opt, ours, sgd, theirs, grads):
+    """One step of FusedFixNorm and of its SGD twin on the same gradients."""
+    set_grads(ours, grads)
+    set_grads(theirs, grads)
+    opt.step()
+    sgd.step()
+
+
 def checkpoint(obj):
     """Save and load through bytes, as a real checkpoint does (no shared tensors)."""
     buf = io.BytesIO()
@@ -163,10 +171,7 @@ def test_matches_sgd_step_for_step(backend, case, dtype):
     sgd = torch.optim.SGD(theirs, foreach=False, **hyper(case))
     assert opt.backend == backend
     for step, grads in enumerate(make_grads(init, 6)):
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
-        opt.step()
-        sgd.step()
+        step_both(opt, ours, sgd, theirs, grads)
         for i, (p, q) in enumerate(zip(ours, theirs)):
             assert_sgd_close(p.detach(), q.detach(), f"step {step} param {i}")
             mine, ref = opt.state.get(p, {}), sgd.state.get(q, {})
@@ -192,10 +197,7 @@ def test_matches_sgd_with_several_groups(backend):
     opt = FusedFixNorm(groups(ours), lr=0.05, backend=backend)
     sgd = torch.optim.SGD(groups(theirs), lr=0.05, foreach=False)
     for grads in make_grads(init, 5):
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
-        opt.step()
-        sgd.step()
+        step_both(opt, ours, sgd, theirs, grads)
     for i, (p, q) in enumerate(zip(ours, theirs)):
         assert_sgd_close(p.detach(), q.detach(), f"param {i}")
         if q in sgd.state:
@@ -243,10 +245,7 @@ def test_state_dict_keeps_sgd_momentum_buffer(backend):
     opt = FusedFixNorm(ours, lr=0.1, momentum=0.9, backend=backend)
     sgd = torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
     for grads in make_grads(init, 3):
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
-        opt.step()
-        sgd.step()
+        step_both(opt, ours, sgd, theirs, grads)
     sd, ref = opt.state_dict(), sgd.state_dict()
     assert sd["state"].keys() == ref["state"].keys() == set(range(len(init)))
     for i, p in enumerate(ours):
@@ -479,10 +478,7 @@ def test_lr_scheduler_drives_lr_like_sgd(backend, scheduler):
     s1, s2 = SCHEDULERS[scheduler](opt), SCHEDULERS[scheduler](sgd)
     lrs = []
     for grads in make_grads(init, 6):
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
-        opt.step()
-        sgd.step()
+        step_both(opt, ours, sgd, theirs, grads)
         s1.step()
         s2.step()
         assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in sgd.param_groups]
@@ -500,10 +496,7 @@ def test_zero_grad(backend, set_to_none):
     opt = FusedFixNorm(ours, lr=0.1, momentum=0.9, backend=backend)
     sgd = torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
     for grads in make_grads(init, 2):
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
-        opt.step()
-        sgd.step()
+        step_both(opt, ours, sgd, theirs, grads)
     opt.zero_grad(set_to_none=set_to_none)
     sgd.zero_grad(set_to_none=set_to_none)
     if set_to_none:
