@@ -31,4 +31,44 @@ enum MetaCol : int64_t {
 
 enum NormMode : int64_t { kNone = 0, kFixed = 1, kMax = 2 };
 
+// The CUDA kernel also takes a plan: four device tensors built once per
+// parameter layout by dispatch.build_cuda_plan and kept between steps. The
+// work is cut into chunks; a tensor with norm control gets a norm pass
+// (read only: the updated weights' sums of squares) and an apply pass (the
+// update, rescaled) over each of its chunks, other tensors an apply pass only.
+//
+// plan[0] tensors: int64 [num_tensors, kTensorCols]
+enum TensorCol : int64_t {
+  kNumel = 0,
+  kTensorGroup = 1,
+  kTensorMode = 2,
+  kSegLen = 3,      // elements per segment
+  kSegBegin = 4,    // first segment (index into targets), -1 without norm control
+  kNumSegs = 5,     // 0 without norm control
+  kChunkBegin = 6,  // the tensor's chunks are [kChunkBegin, kChunkEnd) of plan[1]
+  kChunkEnd = 7,
+  kTensorCols = 8,
+};
+
+// plan[1] chunks: int64 [num_chunks, kChunkCols]. A chunk is part of one
+// segment (kChunkSegs = 1) or several whole segments of one tensor; each of
+// its segments owns one norm partial, from kChunkSlot0 on.
+enum ChunkCol : int64_t {
+  kChunkTensor = 0,
+  kChunkStart = 1,  // first element, in the tensor
+  kChunkLen = 2,
+  kChunkSeg0 = 3,   // its first segment, -1 without norm control
+  kChunkSegs = 4,   // segments in the chunk (0 without norm control)
+  kChunkSlot0 = 5,  // first norm partial, -1 without norm control
+  kChunkCols = 6,
+};
+
+// plan[2] queue: int32 [num_items], each chunk * 2 + pass, the order in which
+// the fused schedule hands work out: every norm pass of a tensor comes before
+// any of its apply passes.
+enum Pass : int32_t { kNormPass = 0, kApplyPass = 1 };
+
+// plan[3] segment slots: int64 [num_segments + 1]; the norm partials of
+// segment s are [slots[s], slots[s + 1]), summed in that order.
+
 }  // namespace fixnorm_ext

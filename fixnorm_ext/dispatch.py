@@ -6,11 +6,14 @@ imported, and a missing backend always comes with the reason it is missing.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import importlib
 import logging
 import math
+import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -24,7 +27,8 @@ try:
     EXTENSION_ERROR: Optional[str] = None
 
     @torch.library.register_fake("fixnorm_ext::fixnorm_step")
-    def _fixnorm_step_fake(params, grads, momentum_buffers, hparams, meta, targets, grad_scale=None, found_inf=None):
+    def _fixnorm_step_fake(params, grads, momentum_buffers, hparams, meta, targets, plan, grad_scale=None,
+                           found_inf=None):
         # In-place on its inputs and returns nothing: no output shapes to describe.
         return None
 except ImportError as exc:  # the package still works without its compiled part
@@ -35,14 +39,16 @@ except ImportError as exc:  # the package still works without its compiled part
 
 NORM_MODES = reference.NORM_MODES
 _MODE_CODE = {None: 0, "fixed": 1, "max": 2}
-BACKENDS = ("auto", "reference", "foreach", "cpu")
+BACKENDS = ("auto", "reference", "foreach", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class GroupHyper:
-    """The hyperparameters of one parameter group as the kernels see them."""
+    """The hyperparameters of one parameter group as the kernels see them.
+    ``lr`` is a number, or for the 'cuda' backend possibly a one-element
+    tensor on the device, read there."""
 
-    lr: float
+    lr: Union[float, torch.Tensor]
     momentum: float
     dampening: float
     weight_decay: float
@@ -63,7 +69,22 @@ def available_backends(device: str = "cpu") -> dict[str, Optional[str]]:
         out["cpu"] = f"the 'cpu' backend runs on CPU tensors, not {device}"
     else:
         out["cpu"] = None
+    out["cuda"] = _cuda_unavailable(device)
     return out
+
+
+def _cuda_unavailable(device: str) -> Optional[str]:
+    """Why the 'cuda' backend cannot run on ``device`` type, or ``None``."""
+    if EXTENSION_ERROR is not None:
+        return EXTENSION_ERROR
+    if not getattr(importlib.import_module("fixnorm_ext._C"), "WITH_CUDA", False):
+        return ("the compiled extension was built without its CUDA kernel (torch without CUDA, or no nvcc at "
+                "build time; FIXNORM_BUILD_CUDA=1 makes the build fail instead of leaving it out)")
+    if device != "cuda":
+        return f"the 'cuda' backend runs on CUDA tensors, not {device}"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
 
 
 def resolve_backend(requested: str, device_types: set[str]) -> tuple[str, str]:
@@ -82,10 +103,14 @@ def resolve_backend(requested: str, device_types: set[str]) -> tuple[str, str]:
         return requested, f"backend {requested!r} was requested"
     if device_types <= {"cpu"} and EXTENSION_ERROR is None:
         return "cpu", "auto chose 'cpu': the fused C++ kernel, for parameters on the CPU"
+    if device_types == {"cuda"} and _cuda_unavailable("cuda") is None:
+        return "cuda", "auto chose 'cuda': the fused CUDA kernel, for parameters on the GPU"
     if EXTENSION_ERROR is not None and device_types <= {"cpu"}:
         why = f"auto chose 'foreach' because {EXTENSION_ERROR}"
+    elif device_types == {"cuda"}:
+        why = f"auto chose 'foreach' because {_cuda_unavailable('cuda')}"
     else:
-        why = f"auto chose 'foreach': no fused kernel yet for devices {sorted(device_types)}"
+        why = f"auto chose 'foreach': no fused kernel for parameters on several device types {sorted(device_types)}"
     return "foreach", why
 
 
@@ -250,30 +275,27 @@ def _like(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(p).copy_(t)
 
 
-def _step_cpu(params, grads, bufs, *, group_index, groups, targets, grad_scale, found_inf, workspace):
-    key = _layout_key(params, bufs, group_index, groups, targets)
-    if workspace.get("cpu_key") != key:
-        workspace["cpu_key"] = key
-        workspace["cpu_tables"] = build_tables(params, bufs, group_index=group_index, groups=groups, targets=targets)
-        # The kernel walks each tensor as one flat block: any dense layout
-        # works (channels_last, transposed) when grad and buffer share the
-        # param's strides; anything else goes through contiguous copies
-        # written back after.
-        workspace["cpu_flat"] = [_walks_flat(p, groups[gi].norm_dim if groups[gi].norm else None)
-                                 for p, gi in zip(params, group_index)]
-    meta, flat_targets = workspace["cpu_tables"]
-    flat = workspace["cpu_flat"]
-    hparams = build_hparams(groups)
+def _flat_flags(params, group_index, groups) -> list[bool]:
+    """Per tensor, whether the kernels can step it in place (see _walks_flat)."""
+    return [_walks_flat(p, groups[gi].norm_dim if groups[gi].norm else None) for p, gi in zip(params, group_index)]
+
+
+def _run_flat(params, grads, bufs, flat, momentum, launch) -> list:
+    """Call ``launch(ps, gs, bs)`` on tensors the kernels can walk as flat
+    blocks and return the momentum buffers after the step. Any dense layout
+    works in place (channels_last, transposed) when grad and buffer share the
+    param's strides; anything else goes through contiguous copies, written
+    back after. ``bufs[i]`` is None where the step creates the buffer
+    (``momentum[i]``) or there is none."""
     out = [
         (torch.empty_like(p) if ok else torch.empty_like(p, memory_format=torch.contiguous_format))
-        if buf is None and groups[gi].momentum != 0 else buf
-        for p, buf, gi, ok in zip(params, bufs, group_index, flat)
+        if buf is None and mom else buf
+        for p, buf, mom, ok in zip(params, bufs, momentum, flat)
     ]
     ps = [p if ok else p.contiguous() for p, ok in zip(params, flat)]
     bs = [b if b is None or b.stride() == p.stride() else _like(p, b) for p, b in zip(ps, out)]
     gs = [g if g.stride() == p.stride() else _like(p, g) for p, g in zip(ps, grads)]
-    torch.ops.fixnorm_ext.fixnorm_step(ps, gs, [b for b in bs if b is not None], hparams, meta, flat_targets,
-                                       grad_scale, found_inf)
+    launch(ps, gs, bs)
     for dst, src in zip(params, ps):
         if dst is not src:
             dst.copy_(src)
@@ -283,7 +305,197 @@ def _step_cpu(params, grads, bufs, *, group_index, groups, targets, grad_scale, 
     return out
 
 
-_IMPLS: dict[str, Callable] = {"reference": _step_reference, "foreach": _step_foreach, "cpu": _step_cpu}
+def _step_cpu(params, grads, bufs, *, group_index, groups, targets, grad_scale, found_inf, workspace):
+    key = _layout_key(params, bufs, group_index, groups, targets)
+    if workspace.get("cpu_key") != key:
+        workspace["cpu_key"] = key
+        workspace["cpu_tables"] = build_tables(params, bufs, group_index=group_index, groups=groups, targets=targets)
+        workspace["cpu_flat"] = _flat_flags(params, group_index, groups)
+    meta, flat_targets = workspace["cpu_tables"]
+    hparams = build_hparams(groups)
+
+    def launch(ps, gs, bs):
+        torch.ops.fixnorm_ext.fixnorm_step(ps, gs, [b for b in bs if b is not None], hparams, meta, flat_targets, [],
+                                           grad_scale, found_inf)
+
+    return _run_flat(params, grads, bufs, workspace["cpu_flat"], [groups[gi].momentum != 0 for gi in group_index],
+                     launch)
+
+
+# --- the CUDA kernel's plan (csrc/fixnorm_meta.h, "plan") ---------------------
+
+CUDA_CHUNK_BYTES = 16384  # of parameter data per chunk (4096 float32 elements)
+CUDA_LAG_WAVES = 2  # apply passes start this many waves of chunks after their tensor's norm passes
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        out = int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}") from None
+    if out <= 0:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    return out
+
+
+def build_cuda_plan(shapes: Sequence[tuple[int, ...]], element_sizes: Sequence[int], meta: torch.Tensor, *,
+                    lag_chunks: int, chunk_bytes: int = CUDA_CHUNK_BYTES) -> list[torch.Tensor]:
+    """The four plan tensors of csrc/fixnorm_meta.h, on the CPU.
+
+    ``meta`` is the table of :func:`build_tables` for tensors of these shapes
+    and element sizes. Each segment is cut into chunks of ``chunk_bytes`` of
+    parameter data; segments shorter than that are packed several to a chunk.
+    In the queue, a tensor's apply passes follow its last norm pass after
+    ``lag_chunks`` other items, so that its blocks are done by then.
+    """
+    if chunk_bytes % 16:
+        raise ValueError(f"chunk_bytes must be a multiple of 16, not {chunk_bytes}")
+    rows = meta.tolist()
+    tensors, chunks, seg_slots = [], [], [0]
+    for i, (shape, size, row) in enumerate(zip(shapes, element_sizes, rows)):
+        group, mode, norm_dim, _, target_offset, _ = row
+        numel = math.prod(shape)
+        per_chunk = max(1, chunk_bytes // size)
+        first = len(chunks)
+        if mode == 0:
+            chunks.extend((i, s, min(per_chunk, numel - s), -1, 0, -1) for s in range(0, numel, per_chunk))
+            tensors.append((numel, group, mode, 0, -1, 0, first, len(chunks)))
+            continue
+        segs = shape[0] if norm_dim == 0 and len(shape) > 0 else 1
+        seg_len = numel // segs if segs else 0
+        if target_offset != len(seg_slots) - 1:
+            raise ValueError(f"tensor {i}: target offset {target_offset} is not the next segment ({len(seg_slots) - 1})")
+        slot = seg_slots[-1]
+        if segs == 1 or seg_len > per_chunk or seg_len == 0:
+            # Each segment on its own chunks: one norm partial per chunk.
+            for s in range(segs):
+                for start in range(0, seg_len, per_chunk):
+                    chunks.append((i, s * seg_len + start, min(per_chunk, seg_len - start), target_offset + s, 1, slot))
+                    slot += 1
+                seg_slots.append(slot)
+        else:
+            # Short segments, several whole ones per chunk: one partial each.
+            per = per_chunk // seg_len
+            for s in range(0, segs, per):
+                m = min(per, segs - s)
+                chunks.append((i, s * seg_len, m * seg_len, target_offset + s, m, slot))
+                seg_slots.extend(range(slot + 1, slot + m + 1))
+                slot += m
+        tensors.append((numel, group, mode, seg_len, target_offset, segs, first, len(chunks)))
+
+    queue: list[int] = []
+    pending: collections.deque = collections.deque()  # (first chunk, end chunk, queue length when due)
+
+    def emit(item: int) -> None:
+        queue.append(item)
+        while pending and pending[0][2] <= len(queue):
+            first, end, _ = pending.popleft()
+            queue.extend(2 * c + 1 for c in range(first, end))
+
+    for numel, group, mode, seg_len, seg_begin, segs, first, end in tensors:
+        if mode == 0:
+            for c in range(first, end):
+                emit(2 * c + 1)
+        elif end > first:
+            for c in range(first, end):
+                emit(2 * c)
+            pending.append((first, end, len(queue) + lag_chunks))
+    for first, end, _ in pending:
+        queue.extend(2 * c + 1 for c in range(first, end))
+    return [
+        torch.tensor(tensors, dtype=torch.int64).reshape(len(tensors), 8),
+        torch.tensor(chunks, dtype=torch.int64).reshape(len(chunks), 6),
+        torch.tensor(queue, dtype=torch.int32),
+        torch.tensor(seg_slots, dtype=torch.int64),
+    ]
+
+
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host table on ``device``, without blocking the host."""
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "FusedFixNorm's CUDA tables must be built before CUDA graph capture: take a step outside the graph "
+            "first (warm-up), and keep the parameters, groups and float hyperparameters unchanged during capture")
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _cuda_hparams(groups, device: torch.device, workspace: dict) -> torch.Tensor:
+    """The hparams table: on the CPU while every lr is a number (the kernel
+    takes it in its launch arguments), else on the device, built there from
+    the lr tensors without a host synchronization."""
+    lr_tensors = [isinstance(h.lr, torch.Tensor) for h in groups]
+    if not any(lr_tensors):
+        return build_hparams(groups)
+    host = build_hparams([dataclasses.replace(h, lr=0.0) if t else h for h, t in zip(groups, lr_tensors)])
+    key = (str(device), tuple(host.reshape(-1).tolist()))
+    if workspace.get("cuda_hparams_key") != key:
+        workspace["cuda_hparams"] = _upload(host, device)
+        workspace["cuda_hparams_key"] = key
+    static = workspace["cuda_hparams"]
+    lrs = torch.stack([h.lr.reshape(()) if t else static[k, 0] for k, (h, t) in enumerate(zip(groups, lr_tensors))])
+    return torch.cat([lrs.to(torch.float64)[:, None], static[:, 1:]], dim=1)
+
+
+def _plan_key(params, group_index, groups) -> tuple:
+    """What the plan depends on: which tensors, their shapes and dtypes, and
+    their groups' norm settings (not the targets' values nor the buffers)."""
+    return (
+        tuple((id(p), tuple(p.shape), p.dtype, p.device) for p in params), tuple(group_index),
+        tuple((h.norm, h.norm_dim, h.momentum != 0) for h in groups),
+    )
+
+
+def _step_cuda(params, grads, bufs, *, group_index, groups, targets, grad_scale, found_inf, workspace):
+    by_device: dict[torch.device, list[int]] = {}
+    for i, p in enumerate(params):
+        by_device.setdefault(p.device, []).append(i)
+    out: list = [None] * len(params)
+    for device, idx in by_device.items():
+        sub = _step_cuda_device(
+            [params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
+            group_index=[group_index[i] for i in idx], groups=groups, targets=[targets[i] for i in idx],
+            grad_scale=grad_scale, found_inf=found_inf, device=device,
+            workspace=workspace.setdefault(("cuda", str(device)), {}))
+        for i, b in zip(idx, sub):
+            out[i] = b
+    return out
+
+
+def _step_cuda_device(params, grads, bufs, *, group_index, groups, targets, grad_scale, found_inf, device, workspace):
+    plan_key = _plan_key(params, group_index, groups)
+    if workspace.get("plan_key") != plan_key:
+        meta, _ = build_tables(params, bufs, group_index=group_index, groups=groups, targets=targets)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        lag = _env_int("FIXNORM_CUDA_LAG_CHUNKS", CUDA_LAG_WAVES * sms)
+        chunk_bytes = _env_int("FIXNORM_CUDA_CHUNK_BYTES", CUDA_CHUNK_BYTES)
+        plan = build_cuda_plan([tuple(p.shape) for p in params], [p.element_size() for p in params], meta,
+                               lag_chunks=lag, chunk_bytes=chunk_bytes)
+        workspace["plan"] = [_upload(t, device) for t in plan]
+        workspace["flat"] = _flat_flags(params, group_index, groups)
+        workspace["plan_key"] = plan_key
+        workspace.pop("tables_key", None)
+    key = _layout_key(params, bufs, group_index, groups, targets)
+    if workspace.get("tables_key") != key:
+        meta, flat_targets = build_tables(params, bufs, group_index=group_index, groups=groups, targets=targets)
+        workspace["meta"], workspace["targets"] = meta, _upload(flat_targets, device)
+        workspace["tables_key"] = key
+    hparams = _cuda_hparams(groups, device, workspace)
+    meta, flat_targets, plan = workspace["meta"], workspace["targets"], workspace["plan"]
+
+    def launch(ps, gs, bs):
+        torch.ops.fixnorm_ext.fixnorm_step(ps, gs, [b for b in bs if b is not None], hparams, meta, flat_targets,
+                                           plan, grad_scale, found_inf)
+
+    return _run_flat(params, grads, bufs, workspace["flat"], [groups[gi].momentum != 0 for gi in group_index],
+                     launch)
+
+
+_IMPLS: dict[str, Callable] = {
+    "reference": _step_reference, "foreach": _step_foreach, "cpu": _step_cpu, "cuda": _step_cuda,
+}
 
 
 def fixnorm_step(

@@ -40,9 +40,21 @@ def _check_param(p) -> None:
         raise ValueError(f"FusedFixNorm supports float32, float64, bfloat16 and float16 parameters, not {p.dtype}")
 
 
-def _check_group(group: dict) -> None:
-    """Raise ValueError for any invalid hyperparameter of one group."""
-    lr = _scalar(group["lr"], "lr")
+def _device_lr(lr) -> bool:
+    """Whether ``lr`` is a tensor whose value would cost a host synchronization to read."""
+    return isinstance(lr, torch.Tensor) and lr.device.type != "cpu"
+
+
+def _check_group(group: dict, *, read_device_lr: bool = True) -> None:
+    """Raise ValueError for any invalid hyperparameter of one group. With
+    ``read_device_lr=False`` an lr tensor on a GPU is checked for its shape
+    only (reading its value would synchronize with the device)."""
+    if not read_device_lr and _device_lr(group["lr"]):
+        if group["lr"].numel() != 1:
+            raise ValueError(f"lr must be a number or a one-element tensor, got shape {tuple(group['lr'].shape)}")
+        lr = 0.0
+    else:
+        lr = _scalar(group["lr"], "lr")
     for key in ("momentum", "dampening", "weight_decay"):
         _scalar(group[key], key)
     if not lr >= 0.0:
@@ -104,9 +116,14 @@ class FusedFixNorm(Optimizer):
         target_norm: ``None`` (the norm each parameter has when it joins the
             optimizer, recorded in its state) or a number > 0.
         norm_dim: ``None`` (the whole tensor is one segment) or ``0``.
-        backend: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"cpu"``. A
-            property of this object, never of a checkpoint. ``self.backend`` is
-            the one in use and ``self.backend_reason`` says why.
+        backend: ``"auto"``, ``"reference"``, ``"foreach"``, ``"cpu"`` or
+            ``"cuda"``. A property of this object, never of a checkpoint.
+            ``self.backend`` is the one in use and ``self.backend_reason`` says
+            why. The ``"cuda"`` backend never synchronizes with the host in
+            ``step()`` (``lr`` may be a CUDA tensor, and GradScaler's tensors
+            are read on the device), except on a step that would create
+            momentum buffers while a GradScaler passes ``found_inf``: whether
+            the buffers exist afterwards depends on its value.
     """
 
     _step_supports_amp_scaling = True
@@ -202,10 +219,13 @@ class FusedFixNorm(Optimizer):
         # changes no parameter and no state.
         params, grads, bufs, group_index, hypers, targets = [], [], [], [], [], []
         pending_targets: dict = {}
+        # The CUDA kernel reads an lr tensor on the device: no synchronization.
+        device_lr = self.backend == "cuda"
         for group in self.param_groups:
-            _check_group(group)
+            _check_group(group, read_device_lr=not device_lr)
+            lr = group["lr"] if device_lr and _device_lr(group["lr"]) else _scalar(group["lr"], "lr")
             hyper = GroupHyper(
-                lr=_scalar(group["lr"], "lr"), momentum=float(group["momentum"]),
+                lr=lr, momentum=float(group["momentum"]),
                 dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
                 nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
                 norm=group["norm"], norm_dim=group["norm_dim"])

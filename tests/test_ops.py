@@ -36,16 +36,16 @@ def test_cpu_kernel_registered():
 def test_opcheck(dtype):
     params, grads, bufs, hparams, meta, flat = op_args(dtype)
     torch.library.opcheck(torch.ops.fixnorm_ext.fixnorm_step.default,
-                          (params, grads, bufs, hparams, meta, flat, None, None))
+                          (params, grads, bufs, hparams, meta, flat, [], None, None))
     scale, found = torch.tensor(4.0), torch.tensor(0.0)
     torch.library.opcheck(torch.ops.fixnorm_ext.fixnorm_step.default,
-                          (params, grads, bufs, hparams, meta, flat, scale, found))
+                          (params, grads, bufs, hparams, meta, flat, [], scale, found))
 
 
 def test_found_inf_is_a_no_op():
     params, grads, bufs, hparams, meta, flat = op_args()
     before = [t.clone() for t in params + bufs]
-    torch.ops.fixnorm_ext.fixnorm_step(params, grads, bufs, hparams, meta, flat, None, torch.tensor(1.0))
+    torch.ops.fixnorm_ext.fixnorm_step(params, grads, bufs, hparams, meta, flat, [], None, torch.tensor(1.0))
     after = params + bufs
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
@@ -64,6 +64,7 @@ def test_found_inf_is_a_no_op():
     (lambda a: a[0].__setitem__(2, torch.randn(4, 4).t()), "other strides than the param"),
     (lambda a: a[0].__setitem__(2, torch.randn(4, 8)[:, ::2]), "is not dense"),
     (lambda a: a[0].__setitem__(2, torch.randn(4, 4, dtype=torch.complex64)), "unsupported dtype"),
+    (lambda a: a.append([torch.zeros(1, dtype=torch.long)]), "takes no plan"),
 ])
 def test_bad_calls_change_nothing(breakage, message):
     args = list(op_args())
@@ -72,6 +73,6 @@ def test_bad_calls_change_nothing(breakage, message):
     params, bufs = args[0], args[2]
     before = [t.clone() for t in params + bufs]
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.fixnorm_ext.fixnorm_step(*args, None, None)
+        torch.ops.fixnorm_ext.fixnorm_step(*args, *([] if len(args) == 7 else [[]]), None, None)
     after = params + bufs
     assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -895,7 +895,7 @@ MISSING = "fixnorm_ext._C was not built (simulated for this test)"
 
 def test_missing_extension_explicit_cpu_raises(monkeypatch):
     monkeypatch.setattr(dispatch, "EXTENSION_ERROR", MISSING)
-    assert available_backends("cpu") == {"reference": None, "foreach": None, "cpu": MISSING}
+    assert available_backends("cpu") == {"reference": None, "foreach": None, "cpu": MISSING, "cuda": MISSING}
     with pytest.raises(RuntimeError, match=r"backend 'cpu' is unavailable.*simulated for this test"):
         FusedFixNorm([_p(3)], backend="cpu")
 

@@ -454,12 +454,13 @@ void run_step(const std::vector<TensorPlan>& plans, const std::vector<Item>& ite
 void fixnorm_step_cpu(at::TensorList params, at::TensorList grads,
                       at::TensorList momentum_buffers,
                       const at::Tensor& hparams, const at::Tensor& meta, const at::Tensor& targets,
-                      const std::optional<at::Tensor>& grad_scale,
+                      at::TensorList plan, const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf) {
   // Everything is checked before the first write, so a refused call changes nothing.
   const int64_t num_tensors = static_cast<int64_t>(params.size());
   TORCH_CHECK(grads.size() == params.size(), "fixnorm_step: params and grads must have the same length (got ",
               params.size(), " and ", grads.size(), ")");
+  TORCH_CHECK(plan.empty(), "fixnorm_step: the CPU kernel takes no plan (got ", plan.size(), " tensors)");
   TORCH_CHECK(hparams.device().is_cpu() && hparams.scalar_type() == at::kDouble && hparams.dim() == 2 &&
                   hparams.size(1) == kHparamCols && hparams.is_contiguous(),
               "fixnorm_step: hparams must be a contiguous CPU float64 tensor of shape [groups, ", kHparamCols, "]");
