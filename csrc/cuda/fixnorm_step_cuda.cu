@@ -38,9 +38,12 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -429,21 +432,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) fixnorm_fused_kerne
     const int32_t norm_chunks = static_cast<int32_t>(tensor[kChunkEnd] - tensor[kChunkBegin]);
     if ((entry & 1) == kNormPass) {
       run_chunk_any<false>(a, c, shared);
-      __syncthreads();  // every partial of this chunk is written
-      if (threadIdx.x == 0) {
-        __threadfence();
-        finalize = atomicAdd(done + t, 1) == norm_chunks - 1;
-      }
+      // Each thread that wrote a partial makes it visible to the device
+      // before the block counts the chunk as done.
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) finalize = atomicAdd(done + t, 1) == norm_chunks - 1;
       __syncthreads();
       if (finalize) {
         // The last norm pass of tensor t: every partial is visible.
         __threadfence();
         finalize_tensor(a, t);
+        __threadfence();
         __syncthreads();
-        if (threadIdx.x == 0) {
-          __threadfence();
-          atomicAdd(done + t, 1);  // norm_chunks + 1: the factors are ready
-        }
+        if (threadIdx.x == 0) atomicAdd(done + t, 1);  // norm_chunks + 1: the factors are ready
       }
     } else {
       if (tensor[kTensorMode] != kNone) {
@@ -481,6 +482,19 @@ bool fused_schedule() {
   if (env == nullptr || env[0] == '\0' || std::strcmp(env, "fused") == 0) return true;
   TORCH_CHECK(std::strcmp(env, "phased") == 0, "FIXNORM_CUDA_SCHEDULE must be 'fused' or 'phased', not '", env, "'");
   return false;
+}
+
+// Resident blocks of the fused kernel per multiprocessor, asked once per device.
+int fused_blocks_per_sm(int device) {
+  static std::mutex mutex;
+  static std::vector<int> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1, 0);
+  if (cache[device] == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&cache[device], fixnorm_fused_kernel, kThreads, 0));
+    cache[device] = std::max(cache[device], 1);
+  }
+  return cache[device];
 }
 
 bool capturing(cudaStream_t stream) {
@@ -663,9 +677,8 @@ void fixnorm_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
   if (fused) {
     C10_CUDA_CHECK(cudaMemsetAsync(a->counters, 0, counter_ints * sizeof(int32_t), stream));
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fixnorm_fused_kernel, kThreads, 0));
-    const int64_t grid = std::min<int64_t>(num_items, static_cast<int64_t>(std::max(per_sm, 1)) * sms);
+    const int per_sm = fused_blocks_per_sm(device.index());
+    const int64_t grid = std::min<int64_t>(num_items, static_cast<int64_t>(per_sm) * sms);
     fixnorm_fused_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(*a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
