@@ -342,12 +342,14 @@ def _env_int(name: str, default: int) -> int:
 
 
 def build_cuda_plan(shapes: Sequence[tuple[int, ...]], element_sizes: Sequence[int], meta: torch.Tensor, *,
-                    lag_chunks: int, chunk_bytes: int = CUDA_CHUNK_BYTES) -> list[torch.Tensor]:
+                    lag_chunks: int, chunk_bytes: int = CUDA_CHUNK_BYTES,
+                    pack_segments: bool = True) -> list[torch.Tensor]:
     """The four plan tensors of csrc/fixnorm_meta.h, on the CPU.
 
     ``meta`` is the table of :func:`build_tables` for tensors of these shapes
     and element sizes. Each segment is cut into chunks of ``chunk_bytes`` of
-    parameter data; segments shorter than that are packed several to a chunk.
+    parameter data; segments shorter than that are packed several to a chunk
+    (unless ``pack_segments`` is False: then every chunk is within one segment).
     In the queue, a tensor's apply passes follow its last norm pass after
     ``lag_chunks`` other items, so that its blocks are done by then.
     """
@@ -369,7 +371,7 @@ def build_cuda_plan(shapes: Sequence[tuple[int, ...]], element_sizes: Sequence[i
         if target_offset != len(seg_slots) - 1:
             raise ValueError(f"tensor {i}: target offset {target_offset} is not the next segment ({len(seg_slots) - 1})")
         slot = seg_slots[-1]
-        if segs == 1 or seg_len > per_chunk or seg_len == 0:
+        if segs == 1 or seg_len > per_chunk or seg_len == 0 or not pack_segments:
             # Each segment on its own chunks: one norm partial per chunk.
             for s in range(segs):
                 for start in range(0, seg_len, per_chunk):

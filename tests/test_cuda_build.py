@@ -170,20 +170,21 @@ def make_case(shapes, group_index, groups, seed):
     return params, grads, bufs, targets
 
 
-def plan_for(params, bufs, group_index, groups, targets, *, chunk_bytes=256, lag_chunks=3):
+def plan_for(params, bufs, group_index, groups, targets, *, chunk_bytes=256, lag_chunks=3, pack=True):
     meta, flat_targets = build_tables(params, bufs, group_index=group_index, groups=groups, targets=targets)
     plan = build_cuda_plan([tuple(p.shape) for p in params], [p.element_size() for p in params], meta,
-                           lag_chunks=lag_chunks, chunk_bytes=chunk_bytes)
+                           lag_chunks=lag_chunks, chunk_bytes=chunk_bytes, pack_segments=pack)
     return meta, flat_targets, plan
 
 
 @pytest.mark.parametrize("seed", range(12))
-@pytest.mark.parametrize("chunk_bytes", [32, 512, 4096])
-def test_plan_invariants(seed, chunk_bytes):
+@pytest.mark.parametrize("chunk_bytes, pack", [(32, True), (512, True), (4096, True), (512, False)])
+def test_plan_invariants(seed, chunk_bytes, pack):
     shapes, group_index, groups = layout(seed)
     params, grads, bufs, targets = make_case(shapes, group_index, groups, seed)
     meta, flat_targets, (tensors, chunks, queue, seg_slots) = plan_for(params, bufs, group_index, groups, targets,
-                                                                      chunk_bytes=chunk_bytes, lag_chunks=seed)
+                                                                      chunk_bytes=chunk_bytes, lag_chunks=seed,
+                                                                      pack=pack)
     per_chunk = chunk_bytes // 8
     assert tensors.shape == (len(params), 8) and chunks.shape[1] == 6
     assert seg_slots.numel() == flat_targets.numel() + 1 and seg_slots[0] == 0
@@ -202,6 +203,7 @@ def test_plan_invariants(seed, chunk_bytes):
         if segs == 1:  # within one segment
             assert (start + length - 1) // seg_len == local and length <= per_chunk
         else:  # whole segments
+            assert pack
             assert start % seg_len == 0 and length == segs * seg_len and length <= per_chunk
         for j in range(segs):
             slot = slot0 + j
