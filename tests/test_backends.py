@@ -46,13 +46,17 @@ def test_cpu_backend_is_built():
     assert "cpu" in BACKENDS, available_backends("cpu")["cpu"]
 
 
-def assert_close_dtype(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str):
+def assert_close_dtype(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, scale: float = 0.0):
+    """``out`` within one step's tolerance of ``ref`` (see the table above).
+    ``scale``: the size of the values combined into ``ref``, where ``ref`` is
+    too small a tensor to show it (one element made by cancellation); the
+    scale used is never below ``ref``'s largest |value|."""
     rtol, atol = TOLERANCE[dtype]
     out, ref = out.double(), ref.double()
     if ref.numel() == 0:
         assert out.numel() == 0
         return
-    scale = ref.abs().max().item()
+    scale = max(ref.abs().max().item(), scale)
     err = (out - ref).abs()
     finfo = torch.finfo(dtype)
     bound = rtol * ref.abs() + atol * scale + finfo.smallest_normal * finfo.eps
