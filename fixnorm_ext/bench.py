@@ -5,8 +5,18 @@ together with one real gradient of that model, cast to the chosen dtype and
 copied so that each contestant owns an identical, private set. The step is
 memory bound, so besides wall time the report gives the bandwidth achieved at
 the floor of 5 accesses per element (read p, g, buf; write p, buf), i.e.
-``5 * element_size`` bytes per element, 20 B for float32, and the ratio of
-medians to fused SGD measured in the same run.
+``5 * element_size`` bytes per element, 20 B for float32 and 10 B for
+bfloat16, the fraction of the copy bandwidth measured once per run (one large
+``dst.copy_(src)``, read plus write) that this is, and the ratio of medians
+to fused SGD measured in the same run.
+
+Besides torchvision models, ``synthetic1b`` is a list of 64 matrices of
+4096 x 3840 (1.0e9 elements, random values and gradients): 63 held at a fixed
+norm and one classifier-like matrix whose norm is clamped. It is too big for
+a CPU run unless ``--synthetic-params`` shrinks it.
+
+``--device cuda`` builds the parameter sets on the GPU and times every step
+between two CUDA events; ``--device cpu`` (the default) uses the wall clock.
 
 Contestants (momentum 0.9, lr 0.1):
 
@@ -16,23 +26,28 @@ Contestants (momentum 0.9, lr 0.1):
   SGD step, then ``torch._foreach_norm`` and ``torch._foreach_mul_`` over the
   fixed and classifier weights, with the targets recorded up front.
 * ``fixnorm_<backend>``: ``FusedFixNorm`` on ``fixnorm_param_groups(model)``,
-  one per backend that can run on CPU tensors here. The ``reference`` backend
-  is a one-tensor-at-a-time loop and is timed with far fewer repetitions.
+  one per backend that can run on the chosen device here. The ``reference``
+  backend is a one-tensor-at-a-time float64 loop: timed with far fewer
+  repetitions on CPU and left out on CUDA unless asked for.
 
 Repetitions are interleaved round robin (rep 1: A, B, C; rep 2: A, B, C; ...)
 so that noise from a shared machine lands on every contestant alike.
 
     python -m fixnorm_ext bench --models resnet50 --dtype bfloat16 --reps 50
+    python -m fixnorm_ext bench --device cuda --models resnet50,synthetic1b
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
 import subprocess
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -42,20 +57,41 @@ import torch.nn.functional as F
 
 DEFAULT_MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("cpu", "cuda")
 BASELINE = "sgd_fused"
-# The FusedFixNorm backends that step CPU tensors; "cuda" and "triton" need
-# the parameters on a GPU, which this benchmark does not place them on.
+# The FusedFixNorm backends expected on each device. Any other backend that
+# available_backends(device) lists is timed too.
 CPU_BACKENDS = ("reference", "foreach", "cpu")
+CUDA_BACKENDS = ("reference", "foreach", "cuda")
+DEVICE_BACKENDS = {"cpu": CPU_BACKENDS, "cuda": CUDA_BACKENDS}
 LR = 0.1
 MOMENTUM = 0.9
 FC_NORM = 10.0
 DEFAULT_REPS = 30
 DEFAULT_WARMUP = 5
+# The reference steps in float64, one tensor at a time: a few reps on CPU, and
+# left out on CUDA (where its float64 copies of the 1e9-element set would not
+# fit next to the others) unless --reference-reps asks for it.
 REFERENCE_REPS = 3
+DEFAULT_REFERENCE_REPS = {"cpu": REFERENCE_REPS, "cuda": 0}
 REFERENCE_WARMUP = 1
 # Accesses per element of an SGD step with momentum: read p, g, buf; write p, buf.
 ACCESSES_PER_ELEMENT = 5
-DEFAULT_OUT = Path("bench") / "results" / "cpu.jsonl"
+DEFAULT_OUT = {"cpu": Path("bench") / "results" / "cpu.jsonl",
+               "cuda": Path("bench") / "results" / "cuda.jsonl"}
+# Bytes of the source of the once-per-run copy-bandwidth measurement: far
+# beyond any cache (an H200 has 60 MB of L2), small next to device memory.
+DEFAULT_COPY_MB = {"cpu": 256, "cuda": 2000}
+
+SYNTHETIC = "synthetic1b"
+# 64 matrices of 4096 x 3840: 1,006,632,960 elements.
+SYNTHETIC_MATRICES = 64
+SYNTHETIC_ROWS = 4096
+SYNTHETIC_COLS = 3840
+SYNTHETIC_NUMEL = SYNTHETIC_MATRICES * SYNTHETIC_ROWS * SYNTHETIC_COLS
+# On CPU each contestant holds its own params, grads and buffers (12 bytes
+# per float32 element); beyond this the run no longer fits a small machine.
+CPU_SYNTHETIC_MAX = 50_000_000
 
 
 # ---------------------------------------------------------------- parameters
@@ -146,6 +182,46 @@ def build_param_set(model_name: str, dtype: torch.dtype = torch.float32, *,
     return ParamSet(model_name, dtype, params, grads, groups)
 
 
+def synthetic_shapes(numel: int = SYNTHETIC_NUMEL) -> list[tuple[int, int]]:
+    """Shapes of the synthetic set shrunk to at most ``numel`` elements: always
+    64 matrices, 4096 x 3840 at full size; a smaller set keeps the rows of
+    3840 columns (shorter ones below 64 * 3840 elements) and has fewer rows."""
+    if numel < SYNTHETIC_MATRICES:
+        raise ValueError(f"{SYNTHETIC} needs at least {SYNTHETIC_MATRICES} elements "
+                         f"(one per matrix), got {numel}")
+    per_matrix = min(numel, SYNTHETIC_NUMEL) // SYNTHETIC_MATRICES
+    cols = min(SYNTHETIC_COLS, per_matrix)
+    return [(per_matrix // cols, cols)] * SYNTHETIC_MATRICES
+
+
+def build_synthetic_set(dtype: torch.dtype = torch.float32, *, numel: int = SYNTHETIC_NUMEL,
+                        fc_norm: float = FC_NORM,
+                        device: str | torch.device = "cpu") -> ParamSet:
+    """The ``synthetic1b`` set (see :func:`synthetic_shapes`): random weights
+    of norm about ``sqrt(rows)``, random gradients a thousand times smaller.
+    All matrices but the last keep their initial norm (``"fixed"``); the last
+    plays the classifier, its norm clamped to ``fc_norm`` (``"max"``), which
+    rescales it on every step. Seeded, so it is the same set on every call."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    params, grads = [], []
+    for rows, cols in synthetic_shapes(numel):
+        # Drawn in float32 one matrix at a time, so a low-precision set never
+        # holds more than one float32 matrix extra.
+        w = torch.randn(rows, cols, generator=gen, device=device).mul_(cols ** -0.5)
+        g = torch.randn(rows, cols, generator=gen, device=device).mul_(1e-3 * cols ** -0.5)
+        params.append(w.to(dtype))
+        grads.append(g.to(dtype))
+        del w, g
+    last = len(params) - 1
+    groups = [
+        {"params": list(range(last)), "norm": "fixed", "target_norm": None, "norm_dim": None,
+         "role": "fixed"},
+        {"params": [last], "norm": "max", "target_norm": fc_norm, "norm_dim": None,
+         "role": "classifier"},
+    ]
+    return ParamSet(SYNTHETIC, dtype, params, grads, groups)
+
+
 # --------------------------------------------------------------- contestants
 
 StepFn = Callable[[], object]
@@ -178,8 +254,8 @@ def _sgd_step(**flags) -> Callable[[ParamSet], StepFn]:
 
 def _copy_step(pset: ParamSet) -> StepFn:
     """One parallel copy of as many elements as the parameter set holds (2
-    accesses per element): its GB/s is the machine's copy bandwidth, which
-    the optimizers' GB/s can be held against."""
+    accesses per element): the copy bandwidth at this set's size, next to the
+    run's one large copy (:func:`measure_copy_bandwidth`)."""
     src = torch.cat([g.reshape(-1) for g in pset.grads])
     dst = torch.empty_like(src)
     return lambda: dst.copy_(src)
@@ -205,8 +281,9 @@ def _composition_step(pset: ParamSet) -> StepFn:
             weights.append(w)
             targets.append(float(target))
             clamp.append(mode == "max")
-    targets = torch.tensor(targets, dtype=torch.float32)
-    clamp = torch.tensor(clamp, dtype=torch.bool)
+    device = params[0].device if params else torch.device("cpu")
+    targets = torch.tensor(targets, dtype=torch.float32, device=device)
+    clamp = torch.tensor(clamp, dtype=torch.bool, device=device)
 
     @torch.no_grad()
     def step():
@@ -230,22 +307,35 @@ def _fixnorm_step(backend: str) -> Callable[[ParamSet], StepFn]:
     return make
 
 
-def candidate_contestants(reference_reps: int = REFERENCE_REPS) -> list[tuple[Contestant, str | None]]:
-    """Every contestant this benchmark knows, each paired with ``None`` when it
-    can run here or with the reason it cannot."""
+def device_backends(device: str = "cpu") -> tuple[str, ...]:
+    """The FusedFixNorm backends timed on ``device``: those expected there
+    (:data:`DEVICE_BACKENDS`), then any other that ``available_backends``
+    lists as able to run there."""
+    from fixnorm_ext import available_backends
+
+    expected = DEVICE_BACKENDS[device]
+    extra = [b for b, reason in available_backends(device).items()
+             if reason is None and b not in expected]
+    return (*expected, *extra)
+
+
+def candidate_contestants(reference_reps: int = REFERENCE_REPS,
+                          device: str = "cpu") -> list[tuple[Contestant, str | None]]:
+    """Every contestant this benchmark knows for tensors on ``device``, each
+    paired with ``None`` when it can run here or with the reason it cannot."""
     from fixnorm_ext import available_backends
 
     candidates = [
-        (Contestant("copy", _copy_step, "torch._foreach_copy_ over the same tensors: copy bandwidth",
+        (Contestant("copy", _copy_step, "one flat copy as large as the set: copy bandwidth",
                     accesses=2), None),
         (Contestant("sgd_fused", _sgd_step(fused=True), "torch.optim.SGD(fused=True), no norm control"), None),
         (Contestant("sgd_foreach", _sgd_step(foreach=True), "torch.optim.SGD(foreach=True), no norm control"), None),
         (Contestant("composition", _composition_step,
                     "SGD(foreach=True) + _foreach_norm + _foreach_mul_"), None),
     ]
-    reasons = available_backends()
-    for backend in CPU_BACKENDS:
-        reason = reasons.get(backend, f"available_backends() does not list {backend!r}")
+    reasons = available_backends(device)
+    for backend in device_backends(device):
+        reason = reasons.get(backend, f"available_backends({device!r}) does not list {backend!r}")
         if backend == "reference":
             contestant = Contestant(
                 "fixnorm_reference", _fixnorm_step(backend),
@@ -259,24 +349,28 @@ def candidate_contestants(reference_reps: int = REFERENCE_REPS) -> list[tuple[Co
 
 
 def select_contestants(backends: list[str] | None = None,
-                       reference_reps: int = REFERENCE_REPS) -> tuple[list[Contestant], dict[str, str]]:
-    """The SGD contestants plus one per FusedFixNorm backend.
+                       reference_reps: int = REFERENCE_REPS,
+                       device: str = "cpu") -> tuple[list[Contestant], dict[str, str]]:
+    """The SGD contestants plus one per FusedFixNorm backend for ``device``.
 
     With ``backends=None`` every backend that can run here is taken and the
     others are returned as ``{name: reason}``; a backend named explicitly that
     cannot run is an error. ``reference_reps=0`` leaves the reference out.
     """
     if backends is not None:
-        unknown = sorted(set(backends) - set(CPU_BACKENDS))
+        known = device_backends(device)
+        unknown = sorted(set(backends) - set(known))
         if unknown:
-            raise ValueError(f"unknown or non-CPU backend(s) {unknown}; choose from {list(CPU_BACKENDS)}")
+            raise ValueError(f"unknown backend(s) {unknown} for --device {device}; "
+                             f"choose from {list(known)}")
     chosen, skipped = [], {}
-    for contestant, reason in candidate_contestants(reference_reps):
+    for contestant, reason in candidate_contestants(reference_reps, device):
         backend = contestant.backend
         if backend is not None and backends is not None and backend not in backends:
             continue
         if backend == "reference" and reference_reps <= 0:
-            skipped[contestant.name] = "left out (--reference-reps 0)"
+            default = ", the default on cuda" if device == "cuda" else ""
+            skipped[contestant.name] = f"left out (--reference-reps 0{default})"
             continue
         if reason is not None:
             if backends is not None:
@@ -296,15 +390,43 @@ class Timer(Protocol):
 
 class CpuTimer:
     """Wall clock around the call. Right for CPU tensors, where the step is
-    finished when ``fn`` returns. Tensors on an accelerator need a timer with
-    the same signature built on device events (record one before and one
-    after ``fn``, synchronize, read the elapsed time), since there ``fn``
-    returns once the work is queued."""
+    finished when ``fn`` returns."""
 
     def __call__(self, fn: StepFn) -> float:
         start = time.perf_counter_ns()
         fn()
         return (time.perf_counter_ns() - start) / 1e6
+
+
+class CudaTimer:
+    """CUDA events recorded on the current stream before and after the call.
+
+    ``fn`` returns once its kernels are queued, so the wall clock would time
+    the launches only. The timer waits for the end event before returning:
+    every step starts on an idle GPU, and a step bound by launch overhead
+    (the GPU waiting for the host to queue the next kernel) is charged for
+    it, as it would be in training."""
+
+    def __init__(self) -> None:
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._end = torch.cuda.Event(enable_timing=True)
+
+    def __call__(self, fn: StepFn) -> float:
+        self._start.record()
+        fn()
+        self._end.record()
+        self._end.synchronize()
+        return self._start.elapsed_time(self._end)
+
+
+def timer_for(device: str | torch.device) -> Timer:
+    """The timer for tensors on ``device``."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return CpuTimer()
+    if kind == "cuda":
+        return CudaTimer()
+    raise NotImplementedError(f"no timer for tensors on {kind}; pass one built on that device's events")
 
 
 @dataclass
@@ -326,6 +448,45 @@ class Result:
         return _quantile(self.samples_ms, 0.8)
 
 
+@dataclass
+class CopyBandwidth:
+    """The device's copy bandwidth: ``dst.copy_(src)`` of ``nbytes`` bytes,
+    counted as ``2 * nbytes`` moved (read plus write)."""
+
+    device: str
+    nbytes: int
+    samples_ms: list[float]
+
+    @property
+    def median_ms(self) -> float:
+        return _quantile(self.samples_ms, 0.5)
+
+    @property
+    def gbps(self) -> float:
+        return gbps(2 * self.nbytes, self.median_ms)
+
+
+def measure_copy_bandwidth(device: str | torch.device, nbytes: int, *, reps: int = DEFAULT_REPS,
+                           warmup: int = DEFAULT_WARMUP, timer: Timer | None = None) -> CopyBandwidth:
+    """Time ``reps`` copies of one ``nbytes`` float32 buffer into another on
+    ``device``, after ``warmup`` untimed ones."""
+    numel = max(1, nbytes // 4)
+    src = torch.ones(numel, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    timer = timer_for(device) if timer is None else timer
+    samples = []
+    for rep in range(warmup + reps):
+        elapsed = timer(lambda: dst.copy_(src))
+        if rep >= warmup:
+            samples.append(elapsed)
+    return CopyBandwidth(str(torch.device(device)), numel * 4, samples)
+
+
+def gbps(nbytes: int, ms: float) -> float:
+    """Bandwidth in GB/s (1e9 bytes per second) of moving ``nbytes`` in ``ms``."""
+    return nbytes / ms / 1e6
+
+
 def _quantile(samples: list[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default)."""
     ordered = sorted(samples)
@@ -343,13 +504,15 @@ def time_contestants(pset: ParamSet, contestants: list[Contestant], *, reps: int
     warmup rounds or reps of its own joins late and leaves early, so that its
     timed steps fall inside the rounds where the others are timed too.
     """
+    devices = {p.device for p in pset.params} or {torch.device("cpu")}
+    if len(devices) > 1:
+        raise ValueError(f"the parameter set spans several devices: {sorted(map(str, devices))}")
+    device = devices.pop()
     if timer is None:
-        devices = {p.device.type for p in pset.params}
-        if devices - {"cpu"}:
-            raise NotImplementedError(f"parameters on {sorted(devices)}: only CPU has a timer "
-                                      "so far; pass one built on device events")
-        timer = CpuTimer()
+        timer = timer_for(device)
     steps = [c.make_step(pset) for c in contestants]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     samples: list[list[float]] = [[] for _ in contestants]
     windows = []
     for c in contestants:
@@ -367,10 +530,10 @@ def time_contestants(pset: ParamSet, contestants: list[Contestant], *, reps: int
 
 # ------------------------------------------------------------------ reporting
 
-def environment() -> dict:
-    """What produced the numbers: hardware (no hostname), versions, commit."""
-    import torchvision
-
+def environment(device: str = "cpu") -> dict:
+    """What produced the numbers: device, hardware (no hostname), versions,
+    commit, and the ``FIXNORM_*`` environment variables that steer the
+    kernels (``FIXNORM_CUDA_SCHEDULE``, ``FIXNORM_CPU_GENERIC``, ...)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -384,18 +547,42 @@ def environment() -> dict:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
+    hardware = {"cpu": cpu, "cores": usable, "torch_threads": torch.get_num_threads()}
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        hardware.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                        sm_count=props.multi_processor_count,
+                        capability=f"{props.major}.{props.minor}")
     return {
-        "hardware": {"cpu": cpu, "cores": usable, "torch_threads": torch.get_num_threads()},
+        "device": torch.device(device).type,
+        "hardware": hardware,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _package_version("triton"),
+        "torchvision": _package_version("torchvision"),
         "commit": git_commit(),
+        "fixnorm_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FIXNORM_")},
     }
+
+
+def _package_version(name: str) -> str | None:
+    """Version of ``name``: the loaded module's ``__version__`` (with its local
+    part, ``+cu130``), else the installed one, without importing it; ``None``
+    if absent."""
+    module = sys.modules.get(name)
+    if getattr(module, "__version__", None):
+        return str(module.__version__)
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def git_commit() -> str:
     """Short commit of the checkout holding this file, ``+dirty`` when tracked
-    files differ from it; ``unknown`` outside git or before the first commit."""
+    files differ from it. Outside git (a copy of the tree on another machine)
+    or before the first commit: ``$FIXNORM_COMMIT`` if set, else ``unknown``."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str | None:
@@ -405,7 +592,7 @@ def git_commit() -> str:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    commit = git("rev-parse", "--short", "HEAD") or os.environ.get("FIXNORM_COMMIT") or "unknown"
     status = git("status", "--porcelain", "--untracked-files=no")
     return commit + "+dirty" if status else commit
 
@@ -417,11 +604,16 @@ def _baseline_ms(results: list[Result]) -> float | None:
     return None
 
 
-def rows(pset: ParamSet, results: list[Result], env: dict, date: str) -> list[dict]:
-    """One machine-readable row per contestant."""
+def rows(pset: ParamSet, results: list[Result], env: dict, date: str,
+         copy: CopyBandwidth | None = None) -> list[dict]:
+    """One machine-readable row per contestant. ``gbps`` counts the bytes of
+    :meth:`Contestant.bytes_moved`; ``copy_fraction`` is that bandwidth over
+    the run's measured copy bandwidth ``copy_gbps`` (``None`` when the run
+    measured none)."""
     base = _baseline_ms(results)
     out = []
     for r in results:
+        achieved = gbps(r.contestant.bytes_moved(pset), r.median_ms)
         out.append({
             "date": date,
             **env,
@@ -433,7 +625,11 @@ def rows(pset: ParamSet, results: list[Result], env: dict, date: str) -> list[di
             "median_ms": round(r.median_ms, 4),
             "p20_ms": round(r.p20_ms, 4),
             "p80_ms": round(r.p80_ms, 4),
-            "gbps": round(r.contestant.bytes_moved(pset) / r.median_ms / 1e6, 3),
+            "bytes_per_step": r.contestant.bytes_moved(pset),
+            "gbps": round(achieved, 3),
+            "copy_gbps": round(copy.gbps, 3) if copy else None,
+            "copy_bytes": copy.nbytes if copy else None,
+            "copy_fraction": round(achieved / copy.gbps, 4) if copy else None,
             "ratio_to_sgd_fused": round(r.median_ms / base, 4) if base else None,
             "reps": len(r.samples_ms),
             "warmup": r.warmup,
@@ -442,15 +638,18 @@ def rows(pset: ParamSet, results: list[Result], env: dict, date: str) -> list[di
 
 
 def format_table(pset: ParamSet, results: list[Result], skipped: dict[str, str],
-                 warmup: int) -> str:
+                 warmup: int, copy: CopyBandwidth | None = None) -> str:
     elem = pset.params[0].element_size() if pset.params else 0
     dtype = str(pset.dtype).removeprefix("torch.")
+    device = pset.params[0].device if pset.params else torch.device("cpu")
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
     lines = [
         f"{pset.model} | {dtype} | {pset.numel:,} elements in {pset.n_tensors} tensors | "
         f"floor {pset.floor_bytes / 1e6:,.0f} MB/step ({ACCESSES_PER_ELEMENT * elem} B/elem) | "
-        f"{torch.get_num_threads()} threads, warmup {warmup}",
+        f"{where}, warmup {warmup}",
         f"  {'contestant':<18} {'reps':>4} {'median ms':>10} {'p20 ms':>9} {'p80 ms':>9} "
-        f"{'GB/s':>7} {'x ' + BASELINE:>12}",
+        f"{'GB/s':>8} {'% copy':>7} {'x ' + BASELINE:>12}",
     ]
     base = _baseline_ms(results)
     notes = []
@@ -459,20 +658,71 @@ def format_table(pset: ParamSet, results: list[Result], skipped: dict[str, str],
         if r.contestant.reps is not None:
             mark = "*"
             notes.append(f"  * {r.contestant.name}: {r.contestant.note}")
-        gbps = r.contestant.bytes_moved(pset) / r.median_ms / 1e6
+        achieved = gbps(r.contestant.bytes_moved(pset), r.median_ms)
         ratio = f"{r.median_ms / base:.2f}" if base else "-"
-        lines.append(f"  {r.contestant.name + mark:<18} {len(r.samples_ms):>4} {r.median_ms:>10.2f} "
-                     f"{r.p20_ms:>9.2f} {r.p80_ms:>9.2f} {gbps:>7.2f} {ratio:>12}")
+        share = f"{100 * achieved / copy.gbps:.0f}" if copy else "-"
+        lines.append(f"  {r.contestant.name + mark:<18} {len(r.samples_ms):>4} {r.median_ms:>10.3f} "
+                     f"{r.p20_ms:>9.3f} {r.p80_ms:>9.3f} {achieved:>8.1f} {share:>7} {ratio:>12}")
     lines += notes
     lines += [f"  skipped {name}: {reason}" for name, reason in skipped.items()]
     return "\n".join(lines)
 
 
+# The speed targets of the CUDA backend (issue 3), as (model, what, bound):
+# step time at most 1.10x fused SGD's and at least 1.5x faster than the
+# composition on resnet50; at least 80% of the copy bandwidth on synthetic1b.
+SPEED_TARGETS = (
+    ("resnet50", "x sgd_fused", "<=", 1.10),
+    ("resnet50", "composition / it", ">=", 1.5),
+    (SYNTHETIC, "fraction of copy", ">=", 0.80),
+)
+
+
+def speed_report(rows: list[dict], contestant: str = "fixnorm_cuda") -> list[str]:
+    """One line per run (same date, dtype and ``FIXNORM_CUDA_SCHEDULE``) and
+    target of :data:`SPEED_TARGETS`: ``contestant``'s value and whether it
+    meets the target, or ``no data`` when the run lacks the rows it needs."""
+    runs: dict[tuple, dict[tuple[str, str], dict]] = {}
+    for row in rows:
+        schedule = row.get("fixnorm_env", {}).get("FIXNORM_CUDA_SCHEDULE", "-")
+        key = (row["date"], row["dtype"], schedule)
+        runs.setdefault(key, {})[(row["model"], row["contestant"])] = row
+    lines = [f"{'dtype':<9} {'schedule':<8} {'model':<12} {'measure':<36} {'value':>6}  target"]
+    for (_, dtype, schedule), run in runs.items():
+        for model, what, op, bound in SPEED_TARGETS:
+            mine, comp = run.get((model, contestant)), run.get((model, "composition"))
+            value = None
+            if mine and what == "x sgd_fused":
+                value = mine["ratio_to_sgd_fused"]
+            elif mine and comp and what == "composition / it":
+                value = comp["median_ms"] / mine["median_ms"]
+            elif mine and what == "fraction of copy":
+                value = mine["copy_fraction"]
+            if value is None:
+                verdict, shown = "no data", "-"
+            else:
+                met = value <= bound if op == "<=" else value >= bound
+                verdict, shown = ("met" if met else "MISSED"), f"{value:.3f}"
+            lines.append(f"{dtype:<9} {schedule:<8} {model:<12} {contestant + ' ' + what:<36} "
+                         f"{shown:>6}  {op} {bound}: {verdict}")
+    return lines
+
+
+def print_speed_report(path: str | Path, contestant: str = "fixnorm_cuda") -> None:
+    """Print :func:`speed_report` for the rows of a results file."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    print("\n".join(speed_report(rows, contestant)))
+
+
 # ------------------------------------------------------------------------ CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="where the parameter sets live and are stepped (default: %(default)s)")
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                        help="comma-separated torchvision model names (default: %(default)s)")
+                        help="comma-separated torchvision model names, or "
+                             f"{SYNTHETIC} (default: %(default)s)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="dtype of parameters, gradients and state (default: %(default)s)")
     parser.add_argument("--reps", type=int, default=DEFAULT_REPS,
@@ -480,57 +730,129 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
                         help="untimed steps per contestant first (default: %(default)s)")
     parser.add_argument("--backends", default=None,
-                        help="comma-separated FusedFixNorm backends out of "
-                             f"{','.join(CPU_BACKENDS)} (default: every one that can run "
-                             "here; one named here that cannot run is an error)")
-    parser.add_argument("--reference-reps", type=int, default=REFERENCE_REPS,
+                        help="comma-separated FusedFixNorm backends: out of "
+                             f"{','.join(CPU_BACKENDS)} on cpu, {','.join(CUDA_BACKENDS)} on "
+                             "cuda (default: every one that can run here; one named here "
+                             "that cannot run is an error)")
+    parser.add_argument("--reference-reps", type=int, default=None,
                         help="timed steps of the slow reference backend, 0 to leave it "
-                             "out (default: %(default)s)")
+                             f"out (default: {DEFAULT_REFERENCE_REPS['cpu']} on cpu, "
+                             f"{DEFAULT_REFERENCE_REPS['cuda']} on cuda)")
     parser.add_argument("--fc-norm", type=float, default=FC_NORM,
                         help="classifier norm bound given to fixnorm_param_groups (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=2,
                         help="batch of the one forward/backward that makes the gradients "
                              "(default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="JSON-lines file the rows are appended to (default: %(default)s)")
+    parser.add_argument("--synthetic-params", type=int, default=SYNTHETIC_NUMEL, metavar="N",
+                        help=f"shrink {SYNTHETIC} to at most N elements, still in "
+                             f"{SYNTHETIC_MATRICES} matrices (default: %(default)s; on cpu at "
+                             f"most {CPU_SYNTHETIC_MAX})")
+    parser.add_argument("--copy-mb", type=float, default=None,
+                        help="MB (1e6 bytes) copied by the once-per-run copy-bandwidth "
+                             f"measurement, 0 to skip it (default: {DEFAULT_COPY_MB['cpu']} on "
+                             f"cpu, {DEFAULT_COPY_MB['cuda']} on cuda)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON-lines file the rows are appended to (default: "
+                             f"{DEFAULT_OUT['cpu']} on cpu, {DEFAULT_OUT['cuda']} on cuda)")
     parser.add_argument("--no-save", action="store_true", help="print the tables only")
+
+
+def _refuse(message: str) -> int:
+    """Say on one line why the run cannot start; exit status 2, like argparse."""
+    print(f"bench: {message}", file=sys.stderr)
+    return 2
 
 
 def main(args: argparse.Namespace) -> int:
     if args.reps < 1 or args.warmup < 0:
-        raise SystemExit("--reps must be at least 1 and --warmup at least 0")
+        return _refuse("--reps must be at least 1 and --warmup at least 0")
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        built = (f"built with CUDA {torch.version.cuda}" if torch.version.cuda
+                 else "a build without CUDA")
+        return _refuse(f"--device cuda needs a CUDA GPU, but torch.cuda.is_available() is False "
+                       f"here (torch {torch.__version__}, {built}); use --device cpu")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    import torchvision
-    unknown = [m for m in models if m not in torchvision.models.list_models()]
-    if unknown:
-        raise SystemExit(f"bench: unknown torchvision model(s) {unknown}; see "
-                         "torchvision.models.list_models()")
+    if not models:
+        return _refuse("--models names no model")
+    if SYNTHETIC in models:
+        if args.synthetic_params < SYNTHETIC_MATRICES:
+            return _refuse(f"--synthetic-params must be at least {SYNTHETIC_MATRICES}")
+        if device == "cpu" and args.synthetic_params > CPU_SYNTHETIC_MAX:
+            return _refuse(f"{SYNTHETIC} with {args.synthetic_params:,} elements is too big for a "
+                           f"CPU run (every contestant holds its own copy); shrink it with "
+                           f"--synthetic-params N, N <= {CPU_SYNTHETIC_MAX:,}, or use --device cuda")
+    vision = [m for m in models if m != SYNTHETIC]
+    if vision:
+        try:
+            import torchvision
+        except ImportError:
+            return _refuse(f"{vision} are torchvision models, but torchvision is not installed; "
+                           f"install it or ask for --models {SYNTHETIC} only")
+        unknown = [m for m in vision if m not in torchvision.models.list_models()]
+        if unknown:
+            return _refuse(f"unknown torchvision model(s) {unknown}; see "
+                           "torchvision.models.list_models()")
     backends = None if args.backends is None else [b.strip() for b in args.backends.split(",") if b.strip()]
+    reference_reps = (DEFAULT_REFERENCE_REPS[device] if args.reference_reps is None
+                      else args.reference_reps)
     try:
-        contestants, skipped = select_contestants(backends, args.reference_reps)
+        contestants, skipped = select_contestants(backends, reference_reps, device)
     except (ValueError, RuntimeError) as exc:
-        raise SystemExit(f"bench: {exc}") from exc
+        return _refuse(str(exc))
+    copy_mb = DEFAULT_COPY_MB[device] if args.copy_mb is None else args.copy_mb
+    out = DEFAULT_OUT[device] if args.out is None else args.out
     dtype = DTYPES[args.dtype]
-    env = environment()
+    env = environment(device)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    print(f"{env['hardware']['cpu']}, {env['hardware']['cores']} cores, "
-          f"{env['hardware']['torch_threads']} torch threads; torch {env['torch']}, "
-          f"torchvision {env['torchvision']}, commit {env['commit']}", flush=True)
+    hw = env["hardware"]
+    where = (f"{hw['gpu']} ({hw['gpu_memory_gib']} GiB, CUDA {env['cuda']}), host {hw['cpu']}"
+             if device == "cuda" else f"{hw['cpu']}, {hw['cores']} cores, {hw['torch_threads']} torch threads")
+    print(f"{where}; torch {env['torch']}, torchvision {env['torchvision']}, "
+          f"triton {env['triton']}, commit {env['commit']}", flush=True)
+    if env["fixnorm_env"]:
+        print("  " + " ".join(f"{k}={v}" for k, v in env["fixnorm_env"].items()), flush=True)
 
     start = time.perf_counter()
-    all_rows = []
+    copy = None
+    if copy_mb > 0:
+        copy = measure_copy_bandwidth(device, int(copy_mb * 1e6), reps=args.reps, warmup=args.warmup)
+        print(f"copy bandwidth: {copy.gbps:,.1f} GB/s (dst.copy_(src) of {copy.nbytes / 1e6:,.0f} MB, "
+              f"read + write, median of {len(copy.samples_ms)})", flush=True)
+    saved, failed = 0, []
     for model in models:
-        pset = build_param_set(model, dtype, fc_norm=args.fc_norm, batch_size=args.batch_size)
-        results = time_contestants(pset, contestants, reps=args.reps, warmup=args.warmup)
-        print("\n" + format_table(pset, results, skipped, args.warmup), flush=True)
-        all_rows += rows(pset, results, env, date)
-        del pset, results
+        # One model failing (out of memory, a kernel error) must not lose the
+        # others' rows: each model's rows are saved as soon as they exist.
+        try:
+            if model == SYNTHETIC:
+                pset = build_synthetic_set(dtype, numel=args.synthetic_params, fc_norm=args.fc_norm,
+                                           device=device)
+            else:
+                pset = build_param_set(model, dtype, fc_norm=args.fc_norm, batch_size=args.batch_size,
+                                       device=device)
+            results = time_contestants(pset, contestants, reps=args.reps, warmup=args.warmup)
+            table = format_table(pset, results, skipped, args.warmup, copy)
+            model_rows = rows(pset, results, env, date, copy)
+        except Exception:
+            traceback.print_exc()
+            print(f"bench: {model} failed (traceback above); going on with the other models",
+                  file=sys.stderr, flush=True)
+            failed.append(model)
+            continue
+        finally:
+            pset = results = None
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        print("\n" + table, flush=True)
+        if not args.no_save:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in model_rows)
+            saved += len(model_rows)
     print(f"\ntotal {time.perf_counter() - start:.1f} s")
-
     if not args.no_save:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            for row in all_rows:
-                f.write(json.dumps(row) + "\n")
-        print(f"appended {len(all_rows)} rows to {args.out}")
+        print(f"appended {saved} rows to {out}")
+    if failed:
+        print(f"bench: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
