@@ -356,10 +356,12 @@ void rescale_item(const TensorPlan& t, const Item& it, const double* slots, cons
     for (int64_t k = 0; k < t.pieces_per_seg; ++k) sumsq += s[k];
     const double n = std::sqrt(sumsq);
     const double r = t.target[seg];
-    double factor = 1.0;
-    if (n > 0) factor = t.mode == kFixed ? r / n : std::min(1.0, r / n);
-    // A segment with n == 0 is left alone; in place, a clamp that does not
+    // As the reference: r / n, clamped at 1 for "max" (a NaN norm stays NaN);
+    // a segment with n == 0 is left alone. In place, a clamp that does not
     // bind costs no write.
+    double factor = r / n;
+    if (t.mode == kMax && factor > 1.0) factor = 1.0;
+    if (n == 0.0) factor = 1.0;
     const auto f = static_cast<acc_t<scalar_t>>(factor);
     if (src) {
       scale_range<scalar_t>(p + lo, src + lo, hi - lo, f);
