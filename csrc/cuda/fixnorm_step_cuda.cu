@@ -52,9 +52,15 @@
 namespace fixnorm_ext {
 namespace {
 
-constexpr int kThreads = 512;
+// Two resident blocks per multiprocessor, so one block's memory traffic
+// overlaps the other's claiming and reductions between items (128 registers,
+// no spills on sm_90 per ptxas -v).
+constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMinBlocksPerSm = 1;  // 128 registers, no spills (sm_90, ptxas -v)
+constexpr int kMinBlocksPerSm = 2;
+// An apply pass waits for its tensor's factors at most this many polls
+// (about 20 s) and then traps: a bug shows as an error, not a hung GPU.
+constexpr long long kMaxPolls = 200000000LL;
 // Tensor pointers and group hyperparameters travel inside the kernel
 // argument (up to 32764 bytes from CUDA 12.1 on, compute capability 7.0+),
 // so a step uploads nothing; larger steps put them in a device table.
@@ -88,7 +94,7 @@ struct StepArgs {
   int32_t* counters;  // [0]: next queue item; [1 + t]: finished norm passes of tensor t (+1 once finalized)
   int64_t num_chunks;
   int64_t num_items;
-  float grad_scale_value;
+  double grad_scale_value;
   int32_t has_grad_scale;
   int32_t inline_hparams;
   int32_t inline_ptrs;
@@ -368,19 +374,35 @@ __device__ void run_chunk_any(const StepArgs& a, int64_t c, double* shared) {
   }
 }
 
-// The factors of tensor t's segments from its norm partials (step 5).
-__device__ void finalize_tensor(const StepArgs& a, int64_t t) {
+__device__ __forceinline__ double factor_of(double sum, double target, int64_t mode) {
+  const double n = sqrt(sum);
+  double factor = target / n;
+  if (mode == kMax && factor > 1.0) factor = 1.0;  // a NaN norm stays NaN, as in the reference
+  if (n == 0.0) factor = 1.0;                      // a zero segment is left as it is
+  return factor;
+}
+
+// The factors of tensor t's segments from its norm partials (step 5), summed
+// in a fixed order: by the whole block for a single segment (it may have
+// many partials), else one warp per segment.
+__device__ void finalize_tensor(const StepArgs& a, int64_t t, double* shared) {
   const int64_t* tensor = a.tensors + t * kTensorCols;
   const int64_t mode = tensor[kTensorMode], seg_begin = tensor[kSegBegin], segs = tensor[kNumSegs];
-  for (int64_t j = threadIdx.x; j < segs; j += kThreads) {
-    const int64_t s = seg_begin + j;
+  if (segs == 1) {
+    const int64_t lo = a.seg_slots[seg_begin], hi = a.seg_slots[seg_begin + 1];
     double sum = 0;
-    for (int64_t k = a.seg_slots[s]; k < a.seg_slots[s + 1]; ++k) sum += __ldcg(a.partials + k);
-    const double n = sqrt(sum);
-    double factor = a.targets[s] / n;
-    if (mode == kMax && factor > 1.0) factor = 1.0;
-    if (n == 0.0) factor = 1.0;  // a zero segment is left as it is
-    a.factors[s] = factor;
+    for (int64_t k = lo + threadIdx.x; k < hi; k += kThreads) sum += __ldcg(a.partials + k);
+    const double total = block_sum(sum, shared);
+    if (threadIdx.x == 0) a.factors[seg_begin] = factor_of(total, a.targets[seg_begin], mode);
+    return;
+  }
+  for (int64_t j = threadIdx.x / 32; j < segs; j += kWarps) {
+    const int64_t s = seg_begin + j;
+    const int64_t lo = a.seg_slots[s], hi = a.seg_slots[s + 1];
+    double sum = 0;
+    for (int64_t k = lo + threadIdx.x % 32; k < hi; k += 32) sum += __ldcg(a.partials + k);
+    sum = warp_sum(sum);
+    if (threadIdx.x % 32 == 0) a.factors[s] = factor_of(sum, a.targets[s], mode);
   }
 }
 
@@ -397,9 +419,10 @@ __global__ void __launch_bounds__(kThreads) fixnorm_norm_pass_kernel(const __gri
 
 __global__ void __launch_bounds__(kThreads) fixnorm_finalize_kernel(const __grid_constant__ StepArgs a,
                                                                     int64_t num_tensors) {
+  __shared__ double shared[kWarps];
   if (skip_step(a)) return;
   for (int64_t t = blockIdx.x; t < num_tensors; t += gridDim.x) {
-    if (a.tensors[t * kTensorCols + kTensorMode] != kNone) finalize_tensor(a, t);
+    if (a.tensors[t * kTensorCols + kTensorMode] != kNone) finalize_tensor(a, t, shared);
   }
 }
 
@@ -441,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) fixnorm_fused_kerne
       if (finalize) {
         // The last norm pass of tensor t: every partial is visible.
         __threadfence();
-        finalize_tensor(a, t);
+        finalize_tensor(a, t, shared);
         __threadfence();
         __syncthreads();
         if (threadIdx.x == 0) atomicAdd(done + t, 1);  // norm_chunks + 1: the factors are ready
@@ -450,7 +473,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) fixnorm_fused_kerne
       if (tensor[kTensorMode] != kNone) {
         if (threadIdx.x == 0) {
           const volatile int32_t* flag = done + t;
-          while (*flag != norm_chunks + 1) __nanosleep(64);
+          long long polls = 0;
+          while (*flag != norm_chunks + 1) {
+            __nanosleep(64);
+            if (++polls > kMaxPolls) __trap();
+          }
           __threadfence();
         }
         __syncthreads();
@@ -613,12 +640,19 @@ void fixnorm_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     ptrs[i] = {p.data_ptr(), g.data_ptr(), buf};
     flags[i] = code | (has_buf ? kFlagBuffer : 0) | (has_buf && row[kInitBuffer] != 0 ? kFlagInit : 0);
   }
+  c10::cuda::CUDAGuard guard(device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  if (capturing(stream)) {
+    // A graph replays its launch arguments: a step that creates buffers would
+    // set them to the gradient on every replay.
+    for (int64_t i = 0; i < num_tensors; ++i) {
+      TORCH_CHECK(!(flags[i] & kFlagInit), "fixnorm_step: a step that creates momentum buffers cannot be "
+                  "captured in a CUDA graph: take a warm-up step before capture");
+    }
+  }
   if (found_inf.has_value() && found_inf->device().is_cpu() && found_inf->item<double>() != 0.0) return;
   if (num_chunks == 0) return;
   const bool fused = fused_schedule();
-
-  c10::cuda::CUDAGuard guard(device);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   // StepArgs is large: build it on the heap, launch with a copy of it.
   auto a = std::make_unique<StepArgs>();
   std::memset(a.get(), 0, sizeof(StepArgs));
@@ -656,7 +690,7 @@ void fixnorm_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   if (grad_scale.has_value()) {
     a->has_grad_scale = 1;
     if (grad_scale->device().is_cpu()) {
-      a->grad_scale_value = static_cast<float>(grad_scale->item<double>());
+      a->grad_scale_value = grad_scale->item<double>();
     } else {
       a->grad_scale_ptr = grad_scale->data_ptr<float>();
     }
