@@ -214,12 +214,13 @@ def build_hparams(groups) -> torch.Tensor:
         dtype=torch.float64).reshape(len(groups), 6)
 
 
-def build_tables(params, bufs, *, group_index, groups, targets):
-    """The meta / targets tables of csrc/fixnorm_meta.h. ``bufs[i]`` is
-    ``None`` for a buffer the kernel must create from the gradient; every
-    tensor of a group with momentum gets the next buffer slot."""
-    rows, flat, offset, slot = [], [], 0, 0
-    for p, buf, gi, t in zip(params, bufs, group_index, targets):
+def build_meta(params, bufs, *, group_index, groups) -> torch.Tensor:
+    """The meta table of csrc/fixnorm_meta.h. ``bufs[i]`` is ``None`` for a
+    buffer the kernel must create from the gradient; every tensor of a group
+    with momentum gets the next buffer slot, every segment with norm control
+    the next target."""
+    rows, offset, slot = [], 0, 0
+    for p, buf, gi in zip(params, bufs, group_index):
         h = groups[gi]
         init = int(h.momentum != 0 and buf is None)
         buffer = slot if h.momentum != 0 else -1
@@ -228,12 +229,33 @@ def build_tables(params, bufs, *, group_index, groups, targets):
             rows.append((gi, 0, -1, init, -1, buffer))
             continue
         rows.append((gi, _MODE_CODE[h.norm], 0 if h.norm_dim == 0 else -1, init, offset, buffer))
-        t = _target_tensor(t).detach().to(torch.float64).reshape(-1).cpu()
-        flat.append(t.expand(_segments(p, h.norm_dim)) if t.numel() == 1 else t)
-        offset += flat[-1].numel()
-    meta = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 6)
-    flat_targets = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
-    return meta, flat_targets
+        offset += _segments(p, h.norm_dim)
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 6)
+
+
+def flat_targets(params, *, group_index, groups, targets, device=None) -> torch.Tensor:
+    """The targets table of csrc/fixnorm_meta.h (float64, one value per
+    segment with norm control, in meta's order), built on ``device`` (default:
+    the CPU) without reading device values on the host."""
+    device = torch.device("cpu") if device is None else device
+    parts = []
+    for p, gi, t in zip(params, group_index, targets):
+        h = groups[gi]
+        if h.norm is None:
+            continue
+        segs = _segments(p, h.norm_dim)
+        if isinstance(t, float):
+            parts.append(torch.full((segs,), t, dtype=torch.float64, device=device))
+            continue
+        t = t.detach().to(device=device, dtype=torch.float64).reshape(-1)
+        parts.append(t.expand(segs) if t.numel() == 1 else t)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+
+
+def build_tables(params, bufs, *, group_index, groups, targets):
+    """The meta and targets tables of csrc/fixnorm_meta.h, on the CPU."""
+    return (build_meta(params, bufs, group_index=group_index, groups=groups),
+            flat_targets(params, group_index=group_index, groups=groups, targets=targets))
 
 
 def _layout_key(params, bufs, group_index, groups, targets) -> tuple:
@@ -293,14 +315,18 @@ def _run_flat(params, grads, bufs, flat, momentum, launch) -> list:
         for p, buf, mom, ok in zip(params, bufs, momentum, flat)
     ]
     ps = [p if ok else p.contiguous() for p, ok in zip(params, flat)]
-    bs = [b if b is None or b.stride() == p.stride() else _like(p, b) for p, b in zip(ps, out)]
+    # Only the buffers of tensors whose group has momentum reach the kernel:
+    # meta numbers exactly those (a buffer passed for a tensor without
+    # momentum is returned as it is).
+    bs = [None if b is None or not mom else b if b.stride() == p.stride() else _like(p, b)
+          for p, b, mom in zip(ps, out, momentum)]
     gs = [g if g.stride() == p.stride() else _like(p, g) for p, g in zip(ps, grads)]
     launch(ps, gs, bs)
     for dst, src in zip(params, ps):
         if dst is not src:
             dst.copy_(src)
     for dst, src in zip(out, bs):
-        if dst is not src:
+        if src is not None and dst is not src:
             dst.copy_(src)
     return out
 
@@ -309,6 +335,7 @@ def _step_cpu(params, grads, bufs, *, group_index, groups, targets, grad_scale, 
     key = _layout_key(params, bufs, group_index, groups, targets)
     if workspace.get("cpu_key") != key:
         workspace["cpu_key"] = key
+        workspace["cpu_key_objects"] = list(params) + list(targets)  # keeps the ids in the key unique
         workspace["cpu_tables"] = build_tables(params, bufs, group_index=group_index, groups=groups, targets=targets)
         workspace["cpu_flat"] = _flat_flags(params, group_index, groups)
     meta, flat_targets = workspace["cpu_tables"]
@@ -326,6 +353,7 @@ def _step_cpu(params, grads, bufs, *, group_index, groups, targets, grad_scale, 
 
 CUDA_CHUNK_BYTES = 16384  # of parameter data per chunk (4096 float32 elements)
 CUDA_LAG_WAVES = 2  # apply passes start this many waves of chunks after their tensor's norm passes
+CUDA_BLOCKS_PER_SM = 2  # resident blocks of the fused kernel (kMinBlocksPerSm in csrc/cuda): a wave
 
 
 def _env_int(name: str, default: int) -> int:
@@ -351,7 +379,9 @@ def build_cuda_plan(shapes: Sequence[tuple[int, ...]], element_sizes: Sequence[i
     parameter data; segments shorter than that are packed several to a chunk
     (unless ``pack_segments`` is False: then every chunk is within one segment).
     In the queue, a tensor's apply passes follow its last norm pass after
-    ``lag_chunks`` other items, so that its blocks are done by then.
+    ``lag_chunks`` other items, so that its blocks are done by then, and go
+    through its chunks last to first: the most recently read are the likeliest
+    to be still in L2.
     """
     if chunk_bytes % 16:
         raise ValueError(f"chunk_bytes must be a multiple of 16, not {chunk_bytes}")
@@ -395,7 +425,7 @@ def build_cuda_plan(shapes: Sequence[tuple[int, ...]], element_sizes: Sequence[i
         queue.append(item)
         while pending and pending[0][2] <= len(queue):
             first, end, _ = pending.popleft()
-            queue.extend(2 * c + 1 for c in range(first, end))
+            queue.extend(2 * c + 1 for c in range(end - 1, first - 1, -1))
 
     for numel, group, mode, seg_len, seg_begin, segs, first, end in tensors:
         if mode == 0:
@@ -406,7 +436,7 @@ def build_cuda_plan(shapes: Sequence[tuple[int, ...]], element_sizes: Sequence[i
                 emit(2 * c)
             pending.append((first, end, len(queue) + lag_chunks))
     for first, end, _ in pending:
-        queue.extend(2 * c + 1 for c in range(first, end))
+        queue.extend(2 * c + 1 for c in range(end - 1, first - 1, -1))
     return [
         torch.tensor(tensors, dtype=torch.int64).reshape(len(tensors), 8),
         torch.tensor(chunks, dtype=torch.int64).reshape(len(chunks), 6),
@@ -433,10 +463,7 @@ def _cuda_hparams(groups, device: torch.device, workspace: dict) -> torch.Tensor
         return build_hparams(groups)
     host = build_hparams([dataclasses.replace(h, lr=0.0) if t else h for h, t in zip(groups, lr_tensors)])
     key = (str(device), tuple(host.reshape(-1).tolist()))
-    if workspace.get("cuda_hparams_key") != key:
-        workspace["cuda_hparams"] = _upload(host, device)
-        workspace["cuda_hparams_key"] = key
-    static = workspace["cuda_hparams"]
+    static = _remember(workspace.setdefault("hparams", {}), key, lambda: _upload(host, device))
     lrs = torch.stack([h.lr.reshape(()) if t else static[k, 0] for k, (h, t) in enumerate(zip(groups, lr_tensors))])
     return torch.cat([lrs.to(torch.float64)[:, None], static[:, 1:]], dim=1)
 
@@ -450,6 +477,11 @@ def _plan_key(params, group_index, groups) -> tuple:
     )
 
 
+def _on(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    """A GradScaler tensor on the device of the parameters it applies to."""
+    return t if t is None or t.device == device else t.to(device, non_blocking=True)
+
+
 def _step_cuda(params, grads, bufs, *, group_index, groups, targets, grad_scale, found_inf, workspace):
     by_device: dict[torch.device, list[int]] = {}
     for i, p in enumerate(params):
@@ -459,40 +491,59 @@ def _step_cuda(params, grads, bufs, *, group_index, groups, targets, grad_scale,
         sub = _step_cuda_device(
             [params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
             group_index=[group_index[i] for i in idx], groups=groups, targets=[targets[i] for i in idx],
-            grad_scale=grad_scale, found_inf=found_inf, device=device,
+            grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device), device=device,
             workspace=workspace.setdefault(("cuda", str(device)), {}))
         for i, b in zip(idx, sub):
             out[i] = b
     return out
 
 
+CACHED_LAYOUTS = 8  # device tables kept per optimizer and device (a captured graph may still use an older one)
+
+
+def _remember(cache: dict, key, make: Callable):
+    """``cache[key]``, made by ``make()`` when missing; the oldest entries go
+    beyond CACHED_LAYOUTS. Entries hold the objects whose ids are in their key,
+    so those ids cannot be reused while the entry lives."""
+    if key in cache:
+        cache[key] = cache.pop(key)  # most recent last
+    else:
+        cache[key] = make()
+        while len(cache) > CACHED_LAYOUTS:
+            cache.pop(next(iter(cache)))
+    return cache[key]
+
+
+def _make_plan(params, group_index, groups, device) -> tuple:
+    meta = build_meta(params, [None] * len(params), group_index=group_index, groups=groups)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    lag = _env_int("FIXNORM_CUDA_LAG_CHUNKS", CUDA_LAG_WAVES * CUDA_BLOCKS_PER_SM * sms)
+    chunk_bytes = _env_int("FIXNORM_CUDA_CHUNK_BYTES", CUDA_CHUNK_BYTES)
+    plan = build_cuda_plan([tuple(p.shape) for p in params], [p.element_size() for p in params], meta,
+                           lag_chunks=lag, chunk_bytes=chunk_bytes)
+    return [_upload(t, device) for t in plan], _flat_flags(params, group_index, groups), list(params)
+
+
 def _step_cuda_device(params, grads, bufs, *, group_index, groups, targets, grad_scale, found_inf, device, workspace):
+    # Device tables are made once per layout and kept (see _remember); the
+    # step itself uploads nothing and reads nothing back.
     plan_key = _plan_key(params, group_index, groups)
-    if workspace.get("plan_key") != plan_key:
-        meta, _ = build_tables(params, bufs, group_index=group_index, groups=groups, targets=targets)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        lag = _env_int("FIXNORM_CUDA_LAG_CHUNKS", CUDA_LAG_WAVES * sms)
-        chunk_bytes = _env_int("FIXNORM_CUDA_CHUNK_BYTES", CUDA_CHUNK_BYTES)
-        plan = build_cuda_plan([tuple(p.shape) for p in params], [p.element_size() for p in params], meta,
-                               lag_chunks=lag, chunk_bytes=chunk_bytes)
-        workspace["plan"] = [_upload(t, device) for t in plan]
-        workspace["flat"] = _flat_flags(params, group_index, groups)
-        workspace["plan_key"] = plan_key
-        workspace.pop("tables_key", None)
-    key = _layout_key(params, bufs, group_index, groups, targets)
-    if workspace.get("tables_key") != key:
-        meta, flat_targets = build_tables(params, bufs, group_index=group_index, groups=groups, targets=targets)
-        workspace["meta"], workspace["targets"] = meta, _upload(flat_targets, device)
-        workspace["tables_key"] = key
+    plan, flat, _ = _remember(workspace.setdefault("plans", {}), plan_key,
+                              lambda: _make_plan(params, group_index, groups, device))
+    meta, _ = _remember(workspace.setdefault("metas", {}), (plan_key, tuple(b is None for b in bufs)),
+                        lambda: (build_meta(params, bufs, group_index=group_index, groups=groups), list(params)))
+    target_key = (plan_key, tuple(t if t is None or isinstance(t, float) else (id(t), t._version) for t in targets))
+    device_targets, _ = _remember(
+        workspace.setdefault("targets", {}), target_key,
+        lambda: (flat_targets(params, group_index=group_index, groups=groups, targets=targets, device=device),
+                 list(params) + list(targets)))
     hparams = _cuda_hparams(groups, device, workspace)
-    meta, flat_targets, plan = workspace["meta"], workspace["targets"], workspace["plan"]
 
     def launch(ps, gs, bs):
-        torch.ops.fixnorm_ext.fixnorm_step(ps, gs, [b for b in bs if b is not None], hparams, meta, flat_targets,
+        torch.ops.fixnorm_ext.fixnorm_step(ps, gs, [b for b in bs if b is not None], hparams, meta, device_targets,
                                            plan, grad_scale, found_inf)
 
-    return _run_flat(params, grads, bufs, workspace["flat"], [groups[gi].momentum != 0 for gi in group_index],
-                     launch)
+    return _run_flat(params, grads, bufs, flat, [groups[gi].momentum != 0 for gi in group_index], launch)
 
 
 _IMPLS: dict[str, Callable] = {

@@ -321,3 +321,56 @@ def test_generic_float32_loops_without_the_avx2_path():
         env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode, norm_dim", [("fixed", None), ("max", None), ("fixed", 0)])
+def test_nan_norm_gives_nan_as_the_reference(backend, mode, norm_dim):
+    # A NaN in a segment makes its norm NaN: the factor is NaN (r/n), never 1,
+    # so the whole segment turns NaN as in the reference; other segments are untouched.
+    p = torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)))
+    opt = FusedFixNorm([p], lr=0.1, norm=mode, target_norm=0.5, norm_dim=norm_dim, backend=backend)
+    grad = torch.ones(3, 4)
+    grad[0, 1] = float("nan")
+    p.grad = grad
+    expected = p.detach().clone()
+    reference.fixnorm_step_one(expected, grad, None, lr=0.1, norm=mode, target=torch.tensor(0.5, dtype=torch.float64),
+                               norm_dim=norm_dim)
+    opt.step()
+    assert torch.equal(torch.isnan(p), torch.isnan(expected))
+    assert bool(torch.isnan(p[0]).all())
+    assert torch.isnan(p[1:]).any().item() == (norm_dim is None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_step_skips_buffers_of_tensors_without_momentum(backend):
+    # The functional entry point may be handed a buffer for a tensor whose
+    # group has no momentum: it must be left alone, and every other tensor
+    # must still be paired with its own buffer.
+    from fixnorm_ext.dispatch import GroupHyper, fixnorm_step
+
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(4, 5, generator=gen) for _ in range(3)]
+    grads = [torch.randn(4, 5, generator=gen) for _ in range(3)]
+    bufs = [torch.randn(4, 5, generator=gen) for _ in range(3)]
+    groups = [GroupHyper(0.1, 0.0, 0.0, 0.0, False, False, None, None),
+              GroupHyper(0.1, 0.9, 0.0, 0.0, False, False, "fixed", None)]
+    group_index = [0, 1, 1]
+    targets = [None, 2.0, 3.0]
+    expected_p = [p.double() for p in params]
+    expected_b = [b.double() for b in bufs]
+    for k in range(3):
+        h = groups[group_index[k]]
+        new = reference.fixnorm_step_one(
+            expected_p[k], grads[k].double(), expected_b[k] if h.momentum else None, lr=h.lr, momentum=h.momentum,
+            norm=h.norm, target=None if targets[k] is None else torch.tensor(targets[k], dtype=torch.float64))
+        if h.momentum:
+            expected_b[k] = new
+    untouched = bufs[0].clone()
+    out = fixnorm_step(params, grads, bufs, group_index=group_index, groups=groups, targets=targets,
+                       backend=backend)
+    assert torch.equal(bufs[0], untouched)
+    for k in range(3):
+        assert_close_dtype(params[k], expected_p[k], torch.float32, f"param {k}")
+    for k in (1, 2):
+        assert_close_dtype(out[k], expected_b[k], torch.float32, f"buffer {k}")
