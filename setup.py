@@ -137,7 +137,7 @@ if __name__ == "__main__":  # pip and `python setup.py` run it so; tests import 
         name="fixnorm_ext",
         version="0.1.0",
         description="FixNorm (weight-norm control instead of weight decay) as a fused PyTorch optimizer",
-        packages=find_packages(include=["fixnorm_ext", "fixnorm_ext.*"]),
+        packages=find_packages(include=["fixnorm_ext", "fixnorm_ext.*", "kernels", "kernels.*"]),
         python_requires=">=3.9",
         install_requires=["torch>=2.4"],
         ext_modules=[extension()],

@@ -39,14 +39,14 @@ except ImportError as exc:  # the package still works without its compiled part
 
 NORM_MODES = reference.NORM_MODES
 _MODE_CODE = {None: 0, "fixed": 1, "max": 2}
-BACKENDS = ("auto", "reference", "foreach", "cpu", "cuda")
+BACKENDS = ("auto", "reference", "foreach", "cpu", "cuda", "triton")
 
 
 @dataclass(frozen=True)
 class GroupHyper:
     """The hyperparameters of one parameter group as the kernels see them.
-    ``lr`` is a number, or for the 'cuda' backend possibly a one-element
-    tensor on the device, read there."""
+    ``lr`` is a number, or for the 'cuda' and 'triton' backends possibly a
+    one-element tensor on the device, read there."""
 
     lr: Union[float, torch.Tensor]
     momentum: float
@@ -70,6 +70,7 @@ def available_backends(device: str = "cpu") -> dict[str, Optional[str]]:
     else:
         out["cpu"] = None
     out["cuda"] = _cuda_unavailable(device)
+    out["triton"] = _triton_unavailable(device)
     return out
 
 
@@ -85,6 +86,12 @@ def _cuda_unavailable(device: str) -> Optional[str]:
     if not torch.cuda.is_available():
         return "no CUDA device is available"
     return None
+
+
+def _triton_unavailable(device: str) -> Optional[str]:
+    """Why the 'triton' backend cannot run on ``device`` type, or ``None``
+    (fixnorm_ext.triton_backend, imported only when asked: it may import Triton)."""
+    return importlib.import_module("fixnorm_ext.triton_backend").unavailable(device)
 
 
 def resolve_backend(requested: str, device_types: set[str]) -> tuple[str, str]:
@@ -105,10 +112,14 @@ def resolve_backend(requested: str, device_types: set[str]) -> tuple[str, str]:
         return "cpu", "auto chose 'cpu': the fused C++ kernel, for parameters on the CPU"
     if device_types == {"cuda"} and _cuda_unavailable("cuda") is None:
         return "cuda", "auto chose 'cuda': the fused CUDA kernel, for parameters on the GPU"
+    # Triton only on the GPU: on CPU tensors it runs in its (slow) interpreter.
+    if device_types == {"cuda"} and _triton_unavailable("cuda") is None:
+        return "triton", f"auto chose 'triton': the fused Triton kernels, because {_cuda_unavailable('cuda')}"
     if EXTENSION_ERROR is not None and device_types <= {"cpu"}:
         why = f"auto chose 'foreach' because {EXTENSION_ERROR}"
     elif device_types == {"cuda"}:
-        why = f"auto chose 'foreach' because {_cuda_unavailable('cuda')}"
+        why = (f"auto chose 'foreach' because {_cuda_unavailable('cuda')} (cuda) and "
+               f"{_triton_unavailable('cuda')} (triton)")
     else:
         why = f"auto chose 'foreach': no fused kernel for parameters on several device types {sorted(device_types)}"
     return "foreach", why
@@ -546,8 +557,14 @@ def _step_cuda_device(params, grads, bufs, *, group_index, groups, targets, grad
     return _run_flat(params, grads, bufs, flat, [groups[gi].momentum != 0 for gi in group_index], launch)
 
 
+def _step_triton(*args, **kwargs):
+    # Imported on first use: fixnorm_ext.triton_backend imports this module.
+    return importlib.import_module("fixnorm_ext.triton_backend")._step_triton(*args, **kwargs)
+
+
 _IMPLS: dict[str, Callable] = {
     "reference": _step_reference, "foreach": _step_foreach, "cpu": _step_cpu, "cuda": _step_cuda,
+    "triton": _step_triton,
 }
 
 

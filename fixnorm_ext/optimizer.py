@@ -116,10 +116,11 @@ class FusedFixNorm(Optimizer):
         target_norm: ``None`` (the norm each parameter has when it joins the
             optimizer, recorded in its state) or a number > 0.
         norm_dim: ``None`` (the whole tensor is one segment) or ``0``.
-        backend: ``"auto"``, ``"reference"``, ``"foreach"``, ``"cpu"`` or
-            ``"cuda"``. A property of this object, never of a checkpoint.
-            ``self.backend`` is the one in use and ``self.backend_reason`` says
-            why. The ``"cuda"`` backend never synchronizes with the host in
+        backend: ``"auto"``, ``"reference"``, ``"foreach"``, ``"cpu"``,
+            ``"cuda"`` or ``"triton"``. A property of this object, never of a
+            checkpoint. ``self.backend`` is the one in use and
+            ``self.backend_reason`` says why. The ``"cuda"`` and ``"triton"``
+            backends never synchronize with the host in
             ``step()`` (``lr`` may be a CUDA tensor, and GradScaler's tensors
             are read on the device), except on a step that would create
             momentum buffers while a GradScaler passes ``found_inf``: whether
@@ -219,8 +220,8 @@ class FusedFixNorm(Optimizer):
         # changes no parameter and no state.
         params, grads, bufs, group_index, hypers, targets = [], [], [], [], [], []
         pending_targets: dict = {}
-        # The CUDA kernel reads an lr tensor on the device: no synchronization.
-        device_lr = self.backend == "cuda"
+        # The CUDA and Triton kernels read an lr tensor on the device: no synchronization.
+        device_lr = self.backend in ("cuda", "triton")
         for group in self.param_groups:
             _check_group(group, read_device_lr=not device_lr)
             lr = group["lr"] if device_lr and _device_lr(group["lr"]) else _scalar(group["lr"], "lr")
