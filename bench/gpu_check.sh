@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The GPU check of the CUDA backend, for a machine with an NVIDIA GPU and no
+# The GPU check of the CUDA and Triton backends, for a machine with an NVIDIA GPU and no
 # network, where python3 and torch are already installed (nothing is
 # installed here):
 #
 #   bash bench/gpu_check.sh OUTDIR
 #
 # Steps: show the GPU and the versions; build the extension in place with
-# CUDA (sm_90); check that the CUDA kernel is registered; run the GPU tests;
-# time one optimizer step with `python -m fixnorm_ext bench --device cuda`
-# (each run measures the copy bandwidth first) in float32 and bfloat16 on
-# resnet50, mobilenet_v2, efficientnet_b0 and synthetic1b, once per kernel
-# schedule (FIXNORM_CUDA_SCHEDULE=fused, then phased); report the speed
-# targets; run the rest of the tests if time is left. Everything is logged
+# CUDA (sm_90); check that the CUDA kernel is registered; run the GPU tests
+# of both backends; time one optimizer step with `python -m fixnorm_ext bench
+# --device cuda` (each run measures the copy bandwidth first) in float32 and
+# bfloat16 on resnet50, mobilenet_v2, efficientnet_b0 and synthetic1b, every
+# backend with the fused CUDA schedule, then the cuda backend alone with
+# FIXNORM_CUDA_SCHEDULE=phased as a control; report the speed targets of both
+# backends; run the rest of the tests if time is left. Everything is logged
 # to OUTDIR/log.txt (and shown), the benchmark rows go to OUTDIR/cuda.jsonl.
 #
 # Each step has its own time limit and the whole run a budget; a step that
@@ -57,7 +58,7 @@ if [ "$DRY" = 1 ]; then
     WARMUP=${FIXNORM_GPU_CHECK_WARMUP:-1}
     # CPU-sized: a 1e6-element synthetic1b, a 16 MB copy, one reference step.
     BENCH_EXTRA=(--synthetic-params 1000000 --copy-mb 16 --reference-reps 1)
-    CONTESTANT=fixnorm_foreach
+    PHASED_BACKENDS=foreach  # no cuda backend in a build without CUDA
 else
     DEVICE=cuda
     BUILD_CUDA=1
@@ -66,7 +67,7 @@ else
     REPS=${FIXNORM_GPU_CHECK_REPS:-50}
     WARMUP=${FIXNORM_GPU_CHECK_WARMUP:-10}
     BENCH_EXTRA=()
-    CONTESTANT=fixnorm_cuda
+    PHASED_BACKENDS=cuda
 fi
 if [ -z "${FIXNORM_COMMIT:-}" ] && command -v git >/dev/null; then
     FIXNORM_COMMIT=$(git rev-parse --short HEAD 2>/dev/null) && export FIXNORM_COMMIT
@@ -220,17 +221,24 @@ step build 360 required env FIXNORM_BUILD_CUDA="$BUILD_CUDA" TORCH_CUDA_ARCH_LIS
 step extension 60 required bash -c show_extension
 # -rs: why tests skipped (an extension without CUDA skips them all); durations to size the limit.
 step test_cuda 180 required "$PY" -m pytest tests/test_cuda.py -q -x -rs --durations=10
-for schedule in fused phased; do
-    for dtype in float32 bfloat16; do
-        step "bench_${dtype}_${schedule}" 150 required env FIXNORM_CUDA_SCHEDULE="$schedule" \
-            "$PY" -m fixnorm_ext bench --device "$DEVICE" --dtype "$dtype" --models "$MODELS" \
-            --reps "$REPS" --warmup "$WARMUP" "${BENCH_EXTRA[@]}" --out "$RESULTS"
-    done
+# The Triton tests on CUDA tensors (compiled; on the CPU, dry, interpreted).
+step test_triton 240 required "$PY" -m pytest tests/test_triton.py tests/test_triton_kernels.py -q -x -rs \
+    --durations=10
+for dtype in float32 bfloat16; do
+    step "bench_${dtype}" 180 required env FIXNORM_CUDA_SCHEDULE=fused \
+        "$PY" -m fixnorm_ext bench --device "$DEVICE" --dtype "$dtype" --models "$MODELS" \
+        --reps "$REPS" --warmup "$WARMUP" "${BENCH_EXTRA[@]}" --out "$RESULTS"
+done
+for dtype in float32 bfloat16; do
+    step "bench_${dtype}_phased" 120 required env FIXNORM_CUDA_SCHEDULE=phased \
+        "$PY" -m fixnorm_ext bench --device "$DEVICE" --dtype "$dtype" --models "$MODELS" \
+        --backends "$PHASED_BACKENDS" --reps "$REPS" --warmup "$WARMUP" "${BENCH_EXTRA[@]}" --out "$RESULTS"
 done
 step targets 30 required "$PY" -c \
     'import sys; from fixnorm_ext.bench import print_speed_report; print_speed_report(*sys.argv[1:])' \
-    "$RESULTS" "$CONTESTANT"
-step tests_rest 150 optional "$PY" -m pytest tests -q -x --ignore=tests/test_cuda.py
+    "$RESULTS"
+step tests_rest 150 optional "$PY" -m pytest tests -q -x --ignore=tests/test_cuda.py --ignore=tests/test_triton.py \
+    --ignore=tests/test_triton_kernels.py
 
 log "" "=== summary: $((SECONDS - START)) s of ${BUDGET} s; log $LOG; $(wc -l <"$RESULTS") rows in $RESULTS"
 log "$(printf '%-22s %-26s %5s' step status s)"

@@ -62,7 +62,7 @@ BASELINE = "sgd_fused"
 # The FusedFixNorm backends expected on each device. Any other backend that
 # available_backends(device) lists is timed too.
 CPU_BACKENDS = ("reference", "foreach", "cpu")
-CUDA_BACKENDS = ("reference", "foreach", "cuda")
+CUDA_BACKENDS = ("reference", "foreach", "cuda", "triton")
 DEVICE_BACKENDS = {"cpu": CPU_BACKENDS, "cuda": CUDA_BACKENDS}
 LR = 0.1
 MOMENTUM = 0.9
@@ -668,51 +668,71 @@ def format_table(pset: ParamSet, results: list[Result], skipped: dict[str, str],
     return "\n".join(lines)
 
 
-# The speed targets of the CUDA backend (issue 3), as (model, what, bound):
-# step time at most 1.10x fused SGD's and at least 1.5x faster than the
-# composition on resnet50; at least 80% of the copy bandwidth on synthetic1b.
+# The speed targets (contestant, model, measure, op, bound). The CUDA backend
+# (issue 3): at most 1.10x fused SGD's step and at least 1.5x faster than the
+# composition on resnet50, at least 80% of the copy bandwidth on synthetic1b.
+# The Triton backend (issue 4): at most 1.25x the CUDA backend's step and
+# 1.3x fused SGD's on resnet50 and synthetic1b. "x NAME" is the step time over
+# contestant NAME's in the same run.
 SPEED_TARGETS = (
-    ("resnet50", "x sgd_fused", "<=", 1.10),
-    ("resnet50", "composition / it", ">=", 1.5),
-    (SYNTHETIC, "fraction of copy", ">=", 0.80),
+    ("fixnorm_cuda", "resnet50", "x sgd_fused", "<=", 1.10),
+    ("fixnorm_cuda", "resnet50", "speedup over composition", ">=", 1.5),
+    ("fixnorm_cuda", SYNTHETIC, "fraction of copy", ">=", 0.80),
+    ("fixnorm_triton", "resnet50", "x fixnorm_cuda", "<=", 1.25),
+    ("fixnorm_triton", "resnet50", "x sgd_fused", "<=", 1.30),
+    ("fixnorm_triton", SYNTHETIC, "x fixnorm_cuda", "<=", 1.25),
+    ("fixnorm_triton", SYNTHETIC, "x sgd_fused", "<=", 1.30),
 )
 
 
-def speed_report(rows: list[dict], contestant: str = "fixnorm_cuda") -> list[str]:
+def _target_value(run: dict[tuple[str, str], dict], contestant: str, model: str, measure: str) -> float | None:
+    """``measure`` of ``contestant`` on ``model`` in one run's rows, or None."""
+    mine = run.get((model, contestant))
+    if mine is None:
+        return None
+    if measure == "fraction of copy":
+        return mine["copy_fraction"]
+    if measure == "speedup over composition":
+        other = run.get((model, "composition"))
+        return None if other is None else other["median_ms"] / mine["median_ms"]
+    if measure.startswith("x "):
+        other = run.get((model, measure[2:]))
+        return None if other is None else mine["median_ms"] / other["median_ms"]
+    raise ValueError(f"unknown speed measure {measure!r}")
+
+
+def speed_report(rows: list[dict], contestants: tuple[str, ...] | None = None) -> list[str]:
     """One line per run (same date, dtype and ``FIXNORM_CUDA_SCHEDULE``) and
-    target of :data:`SPEED_TARGETS`: ``contestant``'s value and whether it
-    meets the target, or ``no data`` when the run lacks the rows it needs."""
+    target of :data:`SPEED_TARGETS` (only those of ``contestants`` if given):
+    the value and whether it meets the target, or ``no data`` when the run
+    lacks the rows it needs."""
     runs: dict[tuple, dict[tuple[str, str], dict]] = {}
     for row in rows:
         schedule = row.get("fixnorm_env", {}).get("FIXNORM_CUDA_SCHEDULE", "-")
         key = (row["date"], row["dtype"], schedule)
         runs.setdefault(key, {})[(row["model"], row["contestant"])] = row
-    lines = [f"{'dtype':<9} {'schedule':<8} {'model':<12} {'measure':<36} {'value':>6}  target"]
+    lines = [f"{'dtype':<9} {'schedule':<8} {'model':<12} {'measure':<42} {'value':>6}  target"]
     for (_, dtype, schedule), run in runs.items():
-        for model, what, op, bound in SPEED_TARGETS:
-            mine, comp = run.get((model, contestant)), run.get((model, "composition"))
-            value = None
-            if mine and what == "x sgd_fused":
-                value = mine["ratio_to_sgd_fused"]
-            elif mine and comp and what == "composition / it":
-                value = comp["median_ms"] / mine["median_ms"]
-            elif mine and what == "fraction of copy":
-                value = mine["copy_fraction"]
+        for contestant, model, measure, op, bound in SPEED_TARGETS:
+            if contestants is not None and contestant not in contestants:
+                continue
+            value = _target_value(run, contestant, model, measure)
             if value is None:
                 verdict, shown = "no data", "-"
             else:
                 met = value <= bound if op == "<=" else value >= bound
                 verdict, shown = ("met" if met else "MISSED"), f"{value:.3f}"
-            lines.append(f"{dtype:<9} {schedule:<8} {model:<12} {contestant + ' ' + what:<36} "
+            lines.append(f"{dtype:<9} {schedule:<8} {model:<12} {contestant + ' ' + measure:<42} "
                          f"{shown:>6}  {op} {bound}: {verdict}")
     return lines
 
 
-def print_speed_report(path: str | Path, contestant: str = "fixnorm_cuda") -> None:
-    """Print :func:`speed_report` for the rows of a results file."""
+def print_speed_report(path: str | Path, *contestants: str) -> None:
+    """Print :func:`speed_report` for the rows of a results file (the targets
+    of ``contestants`` only, if any are named)."""
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    print("\n".join(speed_report(rows, contestant)))
+    print("\n".join(speed_report(rows, contestants or None)))
 
 
 # ------------------------------------------------------------------------ CLI

@@ -253,3 +253,27 @@ def test_a_failing_model_keeps_the_others_rows(tmp_path, monkeypatch, capsys):
     assert "simulated out of memory" in err and "bench: failed: synthetic1b" in err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and all(r["copy_gbps"] is None for r in rows)
+
+
+def _row(model, contestant, ms, dtype="float32", date="2026-12-03T00:00:00Z", copy_fraction=None):
+    return {"date": date, "dtype": dtype, "model": model, "contestant": contestant, "median_ms": ms,
+            "copy_fraction": copy_fraction, "fixnorm_env": {}}
+
+
+def test_speed_report_measures_each_target():
+    rows = [_row("resnet50", "sgd_fused", 1.0), _row("resnet50", "composition", 3.0),
+            _row("resnet50", "fixnorm_cuda", 1.05), _row("resnet50", "fixnorm_triton", 1.4),
+            _row(bench.SYNTHETIC, "sgd_fused", 5.0), _row(bench.SYNTHETIC, "fixnorm_cuda", 5.2, copy_fraction=0.75)]
+    lines = bench.speed_report(rows)
+    assert any("fixnorm_cuda x sgd_fused" in line and "1.050  <= 1.1: met" in line for line in lines)
+    assert any("fixnorm_cuda speedup over composition" in line and f"{3.0 / 1.05:.3f}" in line for line in lines)
+    assert any("fixnorm_cuda fraction of copy" in line and "0.750" in line and "MISSED" in line for line in lines)
+    assert any("resnet50" in line and "fixnorm_triton x fixnorm_cuda" in line and f"{1.4 / 1.05:.3f}" in line
+               and "MISSED" in line for line in lines)
+    assert any("resnet50" in line and "fixnorm_triton x sgd_fused" in line and "1.400" in line
+               and "MISSED" in line for line in lines)
+    # No triton row on synthetic1b: no data, not a verdict.
+    assert any(bench.SYNTHETIC in line and "fixnorm_triton x sgd_fused" in line and "no data" in line
+               for line in lines)
+    only = bench.speed_report(rows, ("fixnorm_triton",))
+    assert len(only) == 1 + 4 and all("fixnorm_cuda speedup" not in line for line in only)
