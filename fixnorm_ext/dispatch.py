@@ -45,8 +45,9 @@ BACKENDS = ("auto", "reference", "foreach", "cpu", "cuda", "triton")
 @dataclass(frozen=True)
 class GroupHyper:
     """The hyperparameters of one parameter group as the kernels see them.
-    ``lr`` is a number, or for the 'cuda' and 'triton' backends possibly a
-    one-element tensor on the device, read there."""
+    ``lr`` is a number, or (for every backend but 'reference') a one-element
+    tensor, left on its device: on a GPU it is read there, and while
+    torch.compile traces the step, in the graph."""
 
     lr: Union[float, torch.Tensor]
     momentum: float
@@ -88,10 +89,22 @@ def _cuda_unavailable(device: str) -> Optional[str]:
     return None
 
 
+_TRITON_BACKEND = None  # fixnorm_ext.triton_backend once imported
+
+
+def _triton_backend():
+    """fixnorm_ext.triton_backend, imported only when asked (it may import
+    Triton). Choosing the backend imports it, so a step traced by torch.compile
+    finds it here and never traces an import."""
+    global _TRITON_BACKEND
+    if _TRITON_BACKEND is None:
+        _TRITON_BACKEND = importlib.import_module("fixnorm_ext.triton_backend")
+    return _TRITON_BACKEND
+
+
 def _triton_unavailable(device: str) -> Optional[str]:
-    """Why the 'triton' backend cannot run on ``device`` type, or ``None``
-    (fixnorm_ext.triton_backend, imported only when asked: it may import Triton)."""
-    return importlib.import_module("fixnorm_ext.triton_backend").unavailable(device)
+    """Why the 'triton' backend cannot run on ``device`` type, or ``None``."""
+    return _triton_backend().unavailable(device)
 
 
 def resolve_backend(requested: str, device_types: set[str]) -> tuple[str, str]:
@@ -209,7 +222,10 @@ def _step_foreach(params, grads, bufs, *, group_index, groups, targets, grad_sca
                     bufs[i].copy_(bs[k])
         else:
             d = gs
-        torch._foreach_add_(ps, d, alpha=-h.lr)
+        if isinstance(h.lr, torch.Tensor):  # as SGD's foreach path does with a tensor lr
+            torch._foreach_add_(ps, torch._foreach_mul(d, -h.lr.to(ps[0].device)))
+        else:
+            torch._foreach_add_(ps, d, alpha=-h.lr)
         if h.norm is not None:
             _renorm_foreach(ps, [_target_tensor(targets[i]) for i in idx], h.norm, h.norm_dim)
         for k, i in enumerate(idx):
@@ -230,6 +246,13 @@ def build_meta(params, bufs, *, group_index, groups) -> torch.Tensor:
     buffer the kernel must create from the gradient; every tensor of a group
     with momentum gets the next buffer slot, every segment with norm control
     the next target."""
+    rows = meta_rows(params, bufs, group_index=group_index, groups=groups)
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 6)
+
+
+def meta_rows(params, bufs, *, group_index, groups) -> list[tuple[int, ...]]:
+    """The rows of :func:`build_meta`'s table as Python numbers (what the
+    host-side planning reads: no tensor values, so torch.compile can trace it)."""
     rows, offset, slot = [], 0, 0
     for p, buf, gi in zip(params, bufs, group_index):
         h = groups[gi]
@@ -241,7 +264,7 @@ def build_meta(params, bufs, *, group_index, groups) -> torch.Tensor:
             continue
         rows.append((gi, _MODE_CODE[h.norm], 0 if h.norm_dim == 0 else -1, init, offset, buffer))
         offset += _segments(p, h.norm_dim)
-    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 6)
+    return rows
 
 
 def flat_targets(params, *, group_index, groups, targets, device=None) -> torch.Tensor:
@@ -269,14 +292,26 @@ def build_tables(params, bufs, *, group_index, groups, targets):
             flat_targets(params, group_index=group_index, groups=groups, targets=targets))
 
 
-def _layout_key(params, bufs, group_index, groups, targets) -> tuple:
-    """What the meta / targets tables depend on. Recorded targets enter by
-    identity and version counter, so replacing one or editing it in place
-    both rebuild the tables."""
+def _targets_key(targets) -> Optional[tuple]:
+    """The part of a table's cache key that the targets make: recorded
+    targets enter by identity and version counter, so replacing one or
+    editing it in place both rebuild the table. ``None`` while torch.compile
+    traces the step: a version counter is not a value it can guard on, so the
+    traced step builds the table from the live targets every time (no cache)."""
+    if torch.compiler.is_compiling():
+        return None
+    return tuple(t if t is None or isinstance(t, float) else (id(t), t._version) for t in targets)
+
+
+def _layout_key(params, bufs, group_index, groups, targets) -> Optional[tuple]:
+    """What the meta / targets tables depend on (``None``: do not cache, see
+    :func:`_targets_key`)."""
+    targets_key = _targets_key(targets)
+    if targets_key is None:
+        return None
     return (
         tuple(id(p) for p in params), tuple(group_index), tuple(b is None for b in bufs),
-        tuple((h.norm, h.norm_dim, h.momentum != 0) for h in groups),
-        tuple(t if t is None or isinstance(t, float) else (id(t), t._version) for t in targets),
+        tuple((h.norm, h.norm_dim, h.momentum != 0) for h in groups), targets_key,
     )
 
 
@@ -344,13 +379,13 @@ def _run_flat(params, grads, bufs, flat, momentum, launch) -> list:
 
 def _step_cpu(params, grads, bufs, *, group_index, groups, targets, grad_scale, found_inf, workspace):
     key = _layout_key(params, bufs, group_index, groups, targets)
-    if workspace.get("cpu_key") != key:
+    if key is None or workspace.get("cpu_key") != key:
         workspace["cpu_key"] = key
         workspace["cpu_key_objects"] = list(params) + list(targets)  # keeps the ids in the key unique
         workspace["cpu_tables"] = build_tables(params, bufs, group_index=group_index, groups=groups, targets=targets)
         workspace["cpu_flat"] = _flat_flags(params, group_index, groups)
     meta, flat_targets = workspace["cpu_tables"]
-    hparams = build_hparams(groups)
+    hparams = _hparams_reading_lr_tensors(groups)
 
     def launch(ps, gs, bs):
         torch.ops.fixnorm_ext.fixnorm_step(ps, gs, [b for b in bs if b is not None], hparams, meta, flat_targets, [],
@@ -380,13 +415,14 @@ def _env_int(name: str, default: int) -> int:
     return out
 
 
-def build_cuda_plan(shapes: Sequence[tuple[int, ...]], element_sizes: Sequence[int], meta: torch.Tensor, *,
+def build_cuda_plan(shapes: Sequence[tuple[int, ...]], element_sizes: Sequence[int],
+                    meta: Union[torch.Tensor, Sequence[tuple[int, ...]]], *,
                     lag_chunks: int, chunk_bytes: int = CUDA_CHUNK_BYTES,
                     pack_segments: bool = True) -> list[torch.Tensor]:
     """The four plan tensors of csrc/fixnorm_meta.h, on the CPU.
 
     ``meta`` is the table of :func:`build_tables` for tensors of these shapes
-    and element sizes. Each segment is cut into chunks of ``chunk_bytes`` of
+    and element sizes, or its rows (:func:`meta_rows`). Each segment is cut into chunks of ``chunk_bytes`` of
     parameter data; segments shorter than that are packed several to a chunk
     (unless ``pack_segments`` is False: then every chunk is within one segment).
     In the queue, a tensor's apply passes follow its last norm pass after
@@ -396,7 +432,7 @@ def build_cuda_plan(shapes: Sequence[tuple[int, ...]], element_sizes: Sequence[i
     """
     if chunk_bytes % 16:
         raise ValueError(f"chunk_bytes must be a multiple of 16, not {chunk_bytes}")
-    rows = meta.tolist()
+    rows = meta.tolist() if isinstance(meta, torch.Tensor) else meta
     tensors, chunks, seg_slots = [], [], [0]
     for i, (shape, size, row) in enumerate(zip(shapes, element_sizes, rows)):
         group, mode, norm_dim, _, target_offset, _ = row
@@ -465,6 +501,18 @@ def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def _hparams_reading_lr_tensors(groups) -> torch.Tensor:
+    """:func:`build_hparams` for groups whose lr may be a CPU tensor (a
+    traced step: the table is made in the graph from the tensors)."""
+    lr_tensors = [isinstance(h.lr, torch.Tensor) for h in groups]
+    if not any(lr_tensors):
+        return build_hparams(groups)
+    host = build_hparams([dataclasses.replace(h, lr=0.0) if t else h for h, t in zip(groups, lr_tensors)])
+    lrs = torch.stack([h.lr.reshape(()).to(torch.float64) if t else host[k, 0]
+                       for k, (h, t) in enumerate(zip(groups, lr_tensors))])
+    return torch.cat([lrs[:, None], host[:, 1:]], dim=1)
+
+
 def _cuda_hparams(groups, device: torch.device, workspace: dict) -> torch.Tensor:
     """The hparams table: on the CPU while every lr is a number (the kernel
     takes it in its launch arguments), else on the device, built there from
@@ -525,8 +573,21 @@ def _remember(cache: dict, key, make: Callable):
     return cache[key]
 
 
+def _device_targets(params, group_index, groups, targets, device, workspace, plan_key) -> torch.Tensor:
+    """The flat target table on ``device``, kept per plan and targets (see
+    :func:`_targets_key`; rebuilt from the live targets while traced)."""
+    def make():
+        return (flat_targets(params, group_index=group_index, groups=groups, targets=targets, device=device),
+                list(params) + list(targets))
+
+    targets_key = _targets_key(targets)
+    if targets_key is None:
+        return make()[0]
+    return _remember(workspace.setdefault("targets", {}), (plan_key, targets_key), make)[0]
+
+
 def _make_plan(params, group_index, groups, device) -> tuple:
-    meta = build_meta(params, [None] * len(params), group_index=group_index, groups=groups)
+    meta = meta_rows(params, [None] * len(params), group_index=group_index, groups=groups)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     lag = _env_int("FIXNORM_CUDA_LAG_CHUNKS", CUDA_LAG_WAVES * CUDA_BLOCKS_PER_SM * sms)
     chunk_bytes = _env_int("FIXNORM_CUDA_CHUNK_BYTES", CUDA_CHUNK_BYTES)
@@ -543,11 +604,7 @@ def _step_cuda_device(params, grads, bufs, *, group_index, groups, targets, grad
                               lambda: _make_plan(params, group_index, groups, device))
     meta, _ = _remember(workspace.setdefault("metas", {}), (plan_key, tuple(b is None for b in bufs)),
                         lambda: (build_meta(params, bufs, group_index=group_index, groups=groups), list(params)))
-    target_key = (plan_key, tuple(t if t is None or isinstance(t, float) else (id(t), t._version) for t in targets))
-    device_targets, _ = _remember(
-        workspace.setdefault("targets", {}), target_key,
-        lambda: (flat_targets(params, group_index=group_index, groups=groups, targets=targets, device=device),
-                 list(params) + list(targets)))
+    device_targets = _device_targets(params, group_index, groups, targets, device, workspace, plan_key)
     hparams = _cuda_hparams(groups, device, workspace)
 
     def launch(ps, gs, bs):
@@ -559,7 +616,7 @@ def _step_cuda_device(params, grads, bufs, *, group_index, groups, targets, grad
 
 def _step_triton(*args, **kwargs):
     # Imported on first use: fixnorm_ext.triton_backend imports this module.
-    return importlib.import_module("fixnorm_ext.triton_backend")._step_triton(*args, **kwargs)
+    return _triton_backend()._step_triton(*args, **kwargs)
 
 
 _IMPLS: dict[str, Callable] = {

@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from fixnorm_ext.dispatch import (CUDA_CHUNK_BYTES, _env_int, _flat_flags, _on, _plan_key, _remember, _run_flat,
-                                  _upload, build_cuda_plan, build_hparams, build_meta, flat_targets)
+from fixnorm_ext.dispatch import (CUDA_CHUNK_BYTES, _device_targets, _env_int, _flat_flags, _on, _plan_key, _remember,
+                                  _run_flat, _upload, build_cuda_plan, build_hparams, meta_rows)
 
 KERNELS = "kernels.fixnorm_triton"
 TRITON_CHUNK_BYTES = CUDA_CHUNK_BYTES  # of parameter data per chunk of the plan (FIXNORM_TRITON_CHUNK_BYTES)
@@ -144,7 +144,7 @@ def _hparams(groups, device: torch.device, workspace: dict) -> torch.Tensor:
 
 
 def _make_plan(params, group_index, groups, device) -> tuple:
-    meta = build_meta(params, [None] * len(params), group_index=group_index, groups=groups)
+    meta = meta_rows(params, [None] * len(params), group_index=group_index, groups=groups)
     # Short rows packed several to a chunk: fewer, fuller programs. The
     # kernels do not use the queue, so no lag.
     plan = build_cuda_plan([tuple(p.shape) for p in params], [p.element_size() for p in params], meta,
@@ -158,11 +158,7 @@ def _step_triton_device(params, grads, bufs, *, group_index, groups, targets, gr
     plan_key = _plan_key(params, group_index, groups)
     plan, flat, _ = _remember(workspace.setdefault("plans", {}), plan_key,
                               lambda: _make_plan(params, group_index, groups, device))
-    target_key = (plan_key, tuple(t if t is None or isinstance(t, float) else (id(t), t._version) for t in targets))
-    device_targets, _ = _remember(
-        workspace.setdefault("targets", {}), target_key,
-        lambda: (flat_targets(params, group_index=group_index, groups=groups, targets=targets, device=device),
-                 list(params) + list(targets)))
+    device_targets = _device_targets(params, group_index, groups, targets, device, workspace, plan_key)
     hparams = _hparams(groups, device, workspace)
     momentum = [groups[gi].momentum != 0 for gi in group_index]
     init = [m and b is None for m, b in zip(momentum, bufs)]
