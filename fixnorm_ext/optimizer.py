@@ -41,14 +41,16 @@ def _check_param(p) -> None:
 
 
 def _device_lr(lr) -> bool:
-    """Whether ``lr`` is a tensor whose value would cost a host synchronization to read."""
-    return isinstance(lr, torch.Tensor) and lr.device.type != "cpu"
+    """Whether ``lr`` is a tensor whose value the step must not read on the
+    host: one on a GPU (a synchronization), or any while torch.compile traces
+    the step (a read would be a data-dependent guard, a graph break)."""
+    return isinstance(lr, torch.Tensor) and (lr.device.type != "cpu" or torch.compiler.is_compiling())
 
 
 def _check_group(group: dict, *, read_device_lr: bool = True) -> None:
     """Raise ValueError for any invalid hyperparameter of one group. With
-    ``read_device_lr=False`` an lr tensor on a GPU is checked for its shape
-    only (reading its value would synchronize with the device)."""
+    ``read_device_lr=False`` an lr tensor on a GPU (or any, while traced) is
+    checked for its shape only (see :func:`_device_lr`)."""
     if not read_device_lr and _device_lr(group["lr"]):
         if group["lr"].numel() != 1:
             raise ValueError(f"lr must be a number or a one-element tensor, got shape {tuple(group['lr'].shape)}")
@@ -83,6 +85,19 @@ def _initial_target(p: torch.Tensor, norm_dim: Optional[int]) -> torch.Tensor:
             f"a parameter of shape {tuple(p.shape)} has a zero norm (or an all-zero dim-0 slice), so there is no "
             "norm to keep: pass an explicit target_norm for its group")
     return target.to(p.device)
+
+
+def _unscale_grads_like_fused_sgd(grads: list, grad_scale: torch.Tensor, found_inf: Optional[torch.Tensor]) -> None:
+    """What ``torch.optim.SGD(fused=True)`` leaves in ``.grad`` when a
+    GradScaler hands it its scale: the unscaled gradients after a finite step,
+    the gradients untouched (still scaled) after a skipped one. Done on the
+    device, without reading ``found_inf``: the divisor is 1 when it is set."""
+    divisor = grad_scale if found_inf is None else torch.where(found_inf != 0, torch.ones_like(grad_scale), grad_scale)
+    by_device: dict = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    for device, group in by_device.items():
+        torch._foreach_div_(group, divisor.to(device, non_blocking=True))
 
 
 class FusedFixNorm(Optimizer):
@@ -180,6 +195,11 @@ class FusedFixNorm(Optimizer):
         params = [e[1] if isinstance(e, tuple) else e for e in entries]
         for p in params:
             _check_param(p)
+        if len({id(p) for p in params}) != len(params):
+            # torch.optim only warns; stepped twice per step, such a tensor would
+            # differ between backends (and from SGD), so it is refused.
+            raise ValueError("a parameter group lists the same parameter more than once: FusedFixNorm refuses "
+                             "duplicate parameters (pass each tensor once)")
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _check_group(merged)
         devices = {p.device.type for g in self.param_groups for p in g["params"]} | {p.device.type for p in params}
@@ -220,8 +240,9 @@ class FusedFixNorm(Optimizer):
         # changes no parameter and no state.
         params, grads, bufs, group_index, hypers, targets = [], [], [], [], [], []
         pending_targets: dict = {}
-        # The CUDA and Triton kernels read an lr tensor on the device: no synchronization.
-        device_lr = self.backend in ("cuda", "triton")
+        # These backends take an lr tensor as it is: read on the device (no
+        # synchronization), or while traced, in the graph.
+        device_lr = self.backend != "reference"
         for group in self.param_groups:
             _check_group(group, read_device_lr=not device_lr)
             lr = group["lr"] if device_lr and _device_lr(group["lr"]) else _scalar(group["lr"], "lr")
@@ -260,6 +281,8 @@ class FusedFixNorm(Optimizer):
         new_bufs = fixnorm_step(params, grads, bufs, group_index=group_index, groups=hypers, targets=targets,
                                 backend=self.backend, grad_scale=grad_scale, found_inf=found_inf,
                                 workspace=self._workspace)
+        if grad_scale is not None:
+            _unscale_grads_like_fused_sgd(grads, grad_scale, found_inf)
         for p, target in pending_targets.items():
             self.state[p]["target_norm"] = target
         created = [i for i, (old, new) in enumerate(zip(bufs, new_bufs)) if old is None and new is not None]
