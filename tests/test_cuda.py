@@ -672,3 +672,73 @@ def test_no_host_sync_inside_step(variant, schedule):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_matches(opt, params, expected, "step under sync debug mode")
+
+
+# --------------------------------------------------------------------------- checkpoints and the op itself
+
+
+def test_checkpoint_loaded_with_map_location_cpu_moves_to_the_params_device():
+    """A checkpoint read with map_location="cpu" (every state tensor on the
+    CPU) loaded into an optimizer whose params live on DEVICE: the buffers and
+    recorded targets go to the params' device, and training continues
+    bitwise as if never interrupted."""
+    import io
+
+    params = device_params([(40, 3), (17,), (5, 6), (9,)], torch.float32)
+    opt = make_opt(group_specs(params), lr=0.05)
+    for step in range(2):
+        step_grads(params, step)
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, map_location="cpu")
+    assert all(v.device.type == "cpu" for s in saved["state"].values() for v in s.values()
+               if isinstance(v, torch.Tensor))
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    resumed = make_opt(group_specs(twins), lr=0.05)
+    resumed.load_state_dict(saved)
+    for p, q in zip(params, twins):
+        mine, theirs = resumed.state.get(q, {}), opt.state.get(p, {})
+        assert mine.keys() == theirs.keys()
+        for key, value in mine.items():
+            assert value.device == q.device, f"{key} on {value.device}"
+            assert torch.equal(value, theirs[key]), key
+    for step in range(2, 4):
+        step_grads(params, step)
+        step_grads(twins, step)
+        opt.step()
+        resumed.step()
+    for i, (p, q) in enumerate(zip(params, twins)):
+        assert torch.equal(p, q), f"param {i}"
+
+
+def step_grads(params, step):
+    for p, g in zip(params, device_grads(params, step)):
+        p.grad = g
+
+
+@cuda_only
+@pytest.mark.parametrize("with_scaler", [False, True])
+def test_opcheck_of_the_cuda_kernel(with_scaler):
+    """torch.library.opcheck on the op's CUDA kernel, with the tables the
+    cuda backend builds (schema, fake kernel, aliasing, torch.compile)."""
+    from fixnorm_ext import dispatch
+
+    params = device_params([(7,), (33, 5), (300,), (4, 45)], torch.float32)
+    groups = [dispatch.GroupHyper(0.1, 0.9, 0.0, 0.0, False, False, "fixed", None),
+              dispatch.GroupHyper(0.05, 0.9, 0.0, 0.01, True, False, "fixed", 0),
+              dispatch.GroupHyper(0.1, 0.0, 0.0, 0.0, False, False, None, None)]
+    group_index, targets = [0, 1, 2, 0], [2.0, 1.5, None, 3.0]
+    grads = device_grads(params, 0)
+    bufs = [torch.randn_like(p) if groups[gi].momentum else None for p, gi in zip(params, group_index)]
+    workspace: dict = {}
+    plan, _, _ = dispatch._make_plan(params, group_index, groups, params[0].device)
+    meta = dispatch.build_meta(params, bufs, group_index=group_index, groups=groups)
+    device_targets = dispatch._device_targets(params, group_index, groups, targets, params[0].device, workspace, 0)
+    hparams = dispatch._cuda_hparams(groups, params[0].device, workspace)
+    scale = torch.tensor(4.0, device=DEVICE) if with_scaler else None
+    found = torch.tensor(0.0, device=DEVICE) if with_scaler else None
+    torch.library.opcheck(torch.ops.fixnorm_ext.fixnorm_step.default,
+                          (params, grads, [b for b in bufs if b is not None], hparams, meta, device_targets, plan,
+                           scale, found))
