@@ -167,11 +167,14 @@ def _step_reference(params, grads, bufs, *, group_index, groups, targets, grad_s
 
 def _renorm_foreach(ps: list[torch.Tensor], ts: list[torch.Tensor], mode: str, norm_dim: Optional[int]) -> None:
     """Rescale ``ps`` in place: one ``_foreach_norm`` for whole-tensor norms,
-    a per-tensor row norm for ``norm_dim=0``."""
+    a per-tensor row norm for ``norm_dim=0``. The squares are summed in
+    float64: a float32 sum over a few hundred thousand elements is already off
+    by ~1e-6 relative, and the norm is re-imposed from it every step."""
     if norm_dim is None:
-        norms = torch._foreach_norm(ps)
+        norms = torch._foreach_norm(ps, dtype=torch.float64)
     else:
-        norms = [torch.linalg.vector_norm(p.reshape(p.shape[0], math.prod(p.shape[1:])) if p.dim() else p, dim=-1)
+        norms = [torch.linalg.vector_norm(p.reshape(p.shape[0], math.prod(p.shape[1:])) if p.dim() else p, dim=-1,
+                                          dtype=torch.float64)
                  for p in ps]
     factors = []
     for p, n, t in zip(ps, norms, ts):

@@ -40,6 +40,18 @@ def _check_param(p) -> None:
         raise ValueError(f"FusedFixNorm supports float32, float64, bfloat16 and float16 parameters, not {p.dtype}")
 
 
+def _check_buffer(buf, p: torch.Tensor) -> None:
+    """A momentum buffer in the state must match its parameter (a state edited
+    by hand, or loaded from a checkpoint of other parameters, may not)."""
+    if not (isinstance(buf, torch.Tensor) and buf.shape == p.shape and buf.dtype == p.dtype
+            and buf.device == p.device):
+        what = (f"{buf.dtype}, {tuple(buf.shape)}, {buf.device}" if isinstance(buf, torch.Tensor)
+                else type(buf).__name__)
+        raise RuntimeError(f"the momentum_buffer in the state of a parameter ({p.dtype}, {tuple(p.shape)}, "
+                           f"{p.device}) is ({what}): it must be a tensor of the parameter's dtype, shape and "
+                           "device (was the state edited, or loaded from another model's checkpoint?)")
+
+
 def _device_lr(lr) -> bool:
     """Whether ``lr`` is a tensor whose value the step must not read on the
     host: one on a GPU (a synchronization), or any while torch.compile traces
@@ -265,9 +277,12 @@ class FusedFixNorm(Optimizer):
                         f"gradient ({g.dtype}, {tuple(g.shape)}, {g.device}) does not match its parameter "
                         f"({p.dtype}, {tuple(p.shape)}, {p.device})")
                 st = self.state.get(p)  # .get: a refused step must not create state entries
+                buf = st.get("momentum_buffer") if st and hyper.momentum != 0 else None
+                if buf is not None:
+                    _check_buffer(buf, p)
                 params.append(p)
                 grads.append(g)
-                bufs.append(st.get("momentum_buffer") if st and hyper.momentum != 0 else None)
+                bufs.append(buf)
                 group_index.append(gi)
                 if hyper.norm is None:
                     targets.append(None)
