@@ -32,10 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch import nn
-from tqdm import tqdm
 
 if importlib.util.find_spec("fixnorm_ext") is None:
     # Lets the example run from a source checkout that was built in place but
@@ -43,6 +39,7 @@ if importlib.util.find_spec("fixnorm_ext") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fixnorm_ext import FusedFixNorm, fixnorm_param_groups  # noqa: E402
+from fixnorm_ext.digits import build_model, evaluate, load_data, train  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -68,38 +65,6 @@ def parse_args(argv=None):
     return args
 
 
-def load_data():
-    """Fixed stratified 1347/450 split, standardized with the training set's statistics.
-
-    One mean and one standard deviation over all training pixels (rather than one
-    per pixel) keeps the relative brightness across the image that the
-    convolutions look at.
-    """
-    digits = load_digits()
-    x_train, x_test, y_train, y_test = train_test_split(
-        digits.images, digits.target, test_size=450, random_state=0, stratify=digits.target)
-    mean, std = x_train.mean(), x_train.std()
-
-    def to_tensors(x, y):
-        x = torch.as_tensor((x - mean) / std, dtype=torch.float32).unsqueeze(1)
-        return x, torch.as_tensor(y, dtype=torch.long)
-
-    return to_tensors(x_train, y_train), to_tensors(x_test, y_test)
-
-
-def build_model():
-    # Plain Sequential, so torch.fx can trace it and see each conv -> BatchNorm edge.
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(64, 10),
-    )
-
-
 @torch.no_grad()
 def weight_norms(model, names):
     params = dict(model.named_parameters())
@@ -107,50 +72,12 @@ def weight_norms(model, names):
     return [params[name].detach().double().norm().item() for name in names]
 
 
-@torch.no_grad()
-def evaluate(model, x, y):
-    """Accuracy and mean cross-entropy, with BatchNorm in inference mode."""
-    model.eval()
-    logits = model(x)
-    acc = (logits.argmax(dim=1) == y).double().mean().item()
-    return acc, nn.functional.cross_entropy(logits, y).item()
-
-
-def train(model, optimizer, train_data, args, desc):
-    """Per-step cosine schedule; the shuffling order depends only on ``args.seed``."""
-    x, y = train_data
-    n = len(y)
-    # Drop the incomplete last batch (1347 = 21 * 64 + 3): BatchNorm statistics
-    # over three images are mostly noise.
-    steps_per_epoch = max(1, n // args.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=args.epochs * steps_per_epoch)
-    order = torch.Generator().manual_seed(args.seed)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    with tqdm(total=args.epochs * steps_per_epoch, desc=desc, disable=args.no_progress,
-              leave=False) as bar:
-        for epoch in range(args.epochs):
-            perm = torch.randperm(n, generator=order)
-            total_loss = 0.0
-            for step in range(steps_per_epoch):
-                idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
-                loss = loss_fn(model(x[idx]), y[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                total_loss += loss.item()
-                bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{total_loss / steps_per_epoch:.4f}")
-    return total_loss / steps_per_epoch
-
-
 def run(name, model, optimizer, data, args, fixed_names, fc_name):
     train_data, test_data = data
     init_fixed = weight_norms(model, fixed_names)
     start = time.perf_counter()
-    last_loss = train(model, optimizer, train_data, args, desc=name)
+    last_loss = train(model, optimizer, train_data, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                      desc=name, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     final_fixed = weight_norms(model, fixed_names)
     rel_change = [abs(b - a) / a for a, b in zip(init_fixed, final_fixed)]

@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from fixnorm_ext import bench
+from fixnorm_ext import bench, tune_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(run=bench.main)
+    tune_parser = commands.add_parser(
+        "tune", help="tune lr and fc_norm on a real-data example in a few trials",
+        description=tune_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tune_cli.add_arguments(tune_parser)
+    tune_parser.set_defaults(run=tune_cli.main)
     return parser
 
 
