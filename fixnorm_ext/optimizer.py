@@ -70,9 +70,15 @@ def _check_group(group: dict, *, read_device_lr: bool = True) -> None:
     else:
         lr = _scalar(group["lr"], "lr")
     for key in ("momentum", "dampening", "weight_decay"):
-        _scalar(group[key], key)
-    if not lr >= 0.0:
-        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+        if not math.isfinite(_scalar(group[key], key)):
+            raise ValueError(f"Invalid {key} value: {group[key]} (must be finite)")
+    for key in ("nesterov", "maximize"):
+        if not isinstance(group[key], bool):
+            raise TypeError(f"{key} must be True or False, got {group[key]!r}")
+    if not (lr >= 0.0 and math.isfinite(lr)):
+        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0 and finite)")
+    if not group["dampening"] >= 0.0:
+        raise ValueError(f"Invalid dampening value: {group['dampening']} (must be >= 0)")
     if not group["momentum"] >= 0.0:
         raise ValueError(f"Invalid momentum value: {group['momentum']} (must be >= 0)")
     if not group["weight_decay"] >= 0.0:
@@ -92,6 +98,9 @@ def _check_group(group: dict, *, read_device_lr: bool = True) -> None:
 def _initial_target(p: torch.Tensor, norm_dim: Optional[int]) -> torch.Tensor:
     """The norm ``p`` has now (float64, one value per segment), kept as its target."""
     target = reference.segment_norms(p, norm_dim)
+    if p.numel() > 0 and not bool(torch.isfinite(target).all()):
+        raise ValueError(f"a parameter of shape {tuple(p.shape)} has an inf or NaN norm (non-finite weights), so "
+                         "there is no norm to keep: initialize it with finite values")
     if p.numel() > 0 and bool((target == 0).any()):
         raise ValueError(
             f"a parameter of shape {tuple(p.shape)} has a zero norm (or an all-zero dim-0 slice), so there is no "
@@ -262,6 +271,9 @@ class FusedFixNorm(Optimizer):
         norm it has now, put in ``pending`` to be stored only once the step has
         passed every check."""
         recorded = st.get("target_norm") if st else None
+        if recorded is not None and not isinstance(recorded, torch.Tensor):
+            raise RuntimeError(f"the target_norm in the state of a parameter of shape {tuple(p.shape)} is "
+                               f"{type(recorded).__name__}, not a float64 tensor (was the state edited by hand?)")
         expected = () if norm_dim is None or p.dim() == 0 else (p.shape[0],)
         if recorded is None or tuple(recorded.shape) != expected:
             recorded = pending[p] = _initial_target(p, norm_dim)
@@ -339,6 +351,45 @@ class FusedFixNorm(Optimizer):
                 self.state[params[i]]["momentum_buffer"] = new_bufs[i]
         return loss
 
+    def _check_checkpoint(self, state_dict: dict) -> None:
+        """Refuse a checkpoint whose groups, momentum buffers or recorded
+        targets would not fit this optimizer's parameters (ValueError, nothing
+        loaded). Group counts and sizes are torch's own check."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(g["params"]) != len(c["params"]) for g, c in zip(saved_groups, self.param_groups)):
+            return  # torch.optim's load_state_dict says what differs
+        for k, group in enumerate(saved_groups):
+            try:
+                _check_group(group)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"checkpoint param group {k}: {exc}") from None
+            for key, p in zip(group["params"], self.param_groups[k]["params"]):
+                saved = state_dict["state"].get(key, {})
+                buf = saved.get("momentum_buffer")
+                if buf is not None and not (isinstance(buf, torch.Tensor) and buf.shape == p.shape):
+                    what = tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__
+                    raise ValueError(f"checkpoint: the momentum_buffer of a parameter of shape {tuple(p.shape)} "
+                                     f"is {what}")
+                if "target_norm" in saved:
+                    self._check_saved_target(saved["target_norm"], p, group)
+
+    @staticmethod
+    def _check_saved_target(target, p: torch.Tensor, group: dict) -> None:
+        try:
+            t = torch.as_tensor(target, dtype=torch.float64, device="cpu")
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"checkpoint: the target_norm of a parameter of shape {tuple(p.shape)} is "
+                             f"{type(target).__name__} {target!r}, not numbers") from None
+        rows = group.get("norm_dim") == 0 and p.dim() > 0
+        expected = (p.shape[0],) if rows else ()
+        if tuple(t.shape) != expected and t.numel() != 1:
+            raise ValueError(f"checkpoint: the target_norm of a parameter of shape {tuple(p.shape)} has shape "
+                             f"{tuple(t.shape)}, expected {expected}")
+        if not bool((torch.isfinite(t) & (t > 0)).all()):
+            raise ValueError(f"checkpoint: the target_norm of a parameter of shape {tuple(p.shape)} must be finite "
+                             f"and > 0, got {t.tolist()}")
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a checkpoint of FusedFixNorm or of ``torch.optim.SGD``.
 
@@ -350,6 +401,7 @@ class FusedFixNorm(Optimizer):
         for saved, current in zip(state_dict["param_groups"], self.param_groups):
             groups.append({**{k: current[k] for k in _FIXNORM_KEYS if k not in saved}, **saved})
         state_dict = {**state_dict, "param_groups": groups + state_dict["param_groups"][len(groups):]}
+        self._check_checkpoint(state_dict)  # before anything is replaced
         saved_targets = {k: v["target_norm"] for k, v in state_dict["state"].items() if "target_norm" in v}
         current_targets = {p: s["target_norm"] for p, s in self.state.items() if "target_norm" in s}
         super().load_state_dict(state_dict)

@@ -347,3 +347,61 @@ def _check_huge(p, n_head, head, tail):
     assert torch.allclose(got_tail.float(), torch.full_like(got_tail, tail, dtype=torch.float32), rtol=tol,
                           atol=tol * abs(head)), f"tail: {got_tail[:3]} vs {tail}"
     return lo.item(), got_tail[0].item()
+
+
+# --------------------------------------------------------------------------- corrupt checkpoints
+
+def _corrupt_target(value):
+    def corrupt(sd):
+        sd["state"][0]["target_norm"] = value
+    return corrupt
+
+
+CORRUPT_CHECKPOINTS = {
+    "negative target": (_corrupt_target(torch.tensor(-1.0, dtype=torch.float64)), "finite and > 0"),
+    "nan target": (_corrupt_target(torch.tensor(float("nan"), dtype=torch.float64)), "finite and > 0"),
+    "zero target": (_corrupt_target(torch.tensor(0.0, dtype=torch.float64)), "finite and > 0"),
+    "target of another shape": (_corrupt_target(torch.ones(3, dtype=torch.float64)), "has shape"),
+    "target not numbers": (_corrupt_target("x"), "not numbers"),
+    "buffer of another shape": (lambda sd: sd["state"][0].__setitem__("momentum_buffer", torch.zeros(3)),
+                                "momentum_buffer"),
+    "negative lr": (lambda sd: sd["param_groups"][0].__setitem__("lr", -1.0), "learning rate"),
+    "unknown norm mode": (lambda sd: sd["param_groups"][0].__setitem__("norm", "l2"), "norm mode"),
+    "norm_dim 3": (lambda sd: sd["param_groups"][1].__setitem__("norm_dim", 3), "norm_dim"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT_CHECKPOINTS))
+def test_corrupt_checkpoint_is_refused_before_anything_is_loaded(case):
+    import copy
+
+    ps, opt = _three_groups("foreach")
+    corrupt, match = CORRUPT_CHECKPOINTS[case]
+    sd = copy.deepcopy(opt.state_dict())
+    corrupt(sd)
+    before, groups = snapshot(opt), copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
+                                                    for g in opt.param_groups])
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, before)
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(dampening=-0.1), ValueError, "dampening"),
+    (dict(dampening=float("nan")), ValueError, "dampening"),
+    (dict(lr=float("inf")), ValueError, "learning rate"),
+    (dict(momentum=float("inf")), ValueError, "momentum"),
+    (dict(maximize="no"), TypeError, "maximize"),
+    (dict(nesterov="yes", momentum=0.9), TypeError, "nesterov"),
+])
+def test_more_bad_hyperparameters_are_refused(bad, error, match):
+    with pytest.raises(error, match=match):
+        FusedFixNorm([torch.randn(3, requires_grad=True)], **{"lr": 0.1, **bad})
+
+
+def test_non_finite_initial_weights_have_no_norm_to_keep():
+    w = torch.tensor([1.0, float("inf")], requires_grad=True)
+    with pytest.raises(ValueError, match="inf or NaN norm"):
+        FusedFixNorm([w], lr=0.1, norm="fixed")
+    FusedFixNorm([w], lr=0.1, norm="fixed", target_norm=1.0)  # an explicit target needs no measurement
