@@ -36,8 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         raise SystemExit("tune: --epochs must be >= 1")
-    from fixnorm_ext import digits
+    from fixnorm_ext import available_backends, digits
 
+    backends = available_backends("cpu")
+    if args.backend != "auto" and backends.get(args.backend, "unknown backend") is not None:
+        raise SystemExit(f"tune: backend {args.backend!r} cannot run here: {backends.get(args.backend, 'unknown')}")
     objective = digits.objective(epochs=args.epochs, seed=args.seed, backend=args.backend)
     start = last = time.perf_counter()
     best = [-math.inf]
@@ -56,7 +59,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = tuning.METHODS[args.method](objective, lr=tuple(args.lr), fc_norm=tuple(args.fc_norm),
                                              budget=args.budget, seed=args.seed, log=args.log,
-                                             on_trial=progress)
+                                             on_trial=progress, objective_info={
+                                                 "example": args.example, "epochs": args.epochs,
+                                                 "backend": args.backend})
     except (ValueError, TypeError, ImportError) as exc:
         raise SystemExit(f"tune: {exc}") from None
     print(f"{result}  [{time.perf_counter() - start:.1f} s; validation accuracy, %]")

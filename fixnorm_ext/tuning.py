@@ -22,7 +22,9 @@ arguments and return the same :class:`TuneResult`, as baselines. ``objective``
 is called as ``objective(lr, fc_norm)`` and returns a score to maximize; a
 NaN score (a diverged run) counts as the worst. No point is evaluated twice,
 and the budget is never exceeded. ``on_trial(trial)``, if given, is called
-after each trial (the CLI prints its progress line there).
+after each trial (the CLI prints its progress line there). ``objective_info``,
+a JSON-able dict that says what the objective is (the CLI: example, epochs,
+backend), is kept in the log: a log of another objective is not resumed.
 
 ``log``, a path, keeps the trials as JSON, rewritten after each one. Given a
 log that exists, a search with the same method, ranges and seed takes the
@@ -94,14 +96,19 @@ class _Evaluator:
     same point reached by two routes is one point."""
 
     def __init__(self, objective: Objective, budget: int, method: str, space: dict, seed: int,
-                 log: Optional[Union[str, Path]], on_trial: Optional[Callable[[Trial], None]] = None):
+                 log: Optional[Union[str, Path]], on_trial: Optional[Callable[[Trial], None]] = None,
+                 objective_info: Optional[dict] = None):
         if not callable(objective):
             raise TypeError(f"objective must be callable as objective(lr, fc_norm), got {type(objective).__name__}")
         self.objective, self.budget, self.on_trial = objective, budget, on_trial
-        self.header = {"version": LOG_VERSION, "method": method, "space": space, "seed": seed}
+        self.header = {"version": LOG_VERSION, "method": method, "space": space, "seed": seed,
+                       "objective": objective_info}
         self.log = None if log is None else Path(log)
+        if self.log is not None and not self.log.parent.is_dir():
+            raise ValueError(f"log {self.log}: the folder {self.log.parent} does not exist")
         self.trials: list[Trial] = []
         self.seen: dict[tuple, Trial] = {}
+        self.earlier: list[dict] = []  # the log's trials, kept in it even when this run does not ask for them
         self.logged: dict[tuple, Optional[float]] = self._read_log()
 
     @staticmethod
@@ -114,13 +121,22 @@ class _Evaluator:
         try:
             saved = json.loads(self.log.read_text())
             header = {k: saved[k] for k in self.header}
-            trials = saved["trials"]
+            trials = saved["trials"] + saved.get("earlier_trials", [])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{self.log} is not a tuning log of this version: {exc}") from None
         if json.loads(json.dumps(self.header)) != header:
             raise ValueError(f"{self.log} was written by another search ({header}); this one is {self.header}: "
                              "use another log path, or the same method, ranges and seed to resume")
-        return {self.key(t["lr"], t["fc_norm"]): t["score"] for t in trials}
+        try:
+            self.earlier = [{k: t[k] for k in ("lr", "fc_norm", "score", "phase")} for t in trials]
+            for t in self.earlier:
+                if not (isinstance(t["lr"], (int, float)) and isinstance(t["fc_norm"], (int, float))
+                        and t["lr"] > 0 and t["fc_norm"] > 0
+                        and (t["score"] is None or isinstance(t["score"], (int, float)))):
+                    raise ValueError(f"bad trial {t}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{self.log} is not a tuning log of this version: {exc}") from None
+        return {self.key(t["lr"], t["fc_norm"]): t["score"] for t in self.earlier}
 
     @property
     def left(self) -> int:
@@ -151,8 +167,9 @@ class _Evaluator:
     def _write_log(self) -> None:
         if self.log is None:
             return
-        data = {**self.header, "trials": [{k: v for k, v in asdict(t).items() if k != "resumed"}
-                                          for t in self.trials]}
+        trials = [{k: v for k, v in asdict(t).items() if k != "resumed"} for t in self.trials]
+        unused = [t for t in self.earlier if self.key(t["lr"], t["fc_norm"]) not in self.seen]
+        data = {**self.header, "trials": trials, "earlier_trials": unused}
         tmp = self.log.with_name(self.log.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(tmp, self.log)  # a run killed mid-write leaves the previous log whole
@@ -163,6 +180,16 @@ class _Evaluator:
             raise RuntimeError(f"every one of the {len(self.trials)} trials returned NaN: no best point")
         best = max(scored, key=lambda t: t.score)  # the first of equal scores
         return TuneResult(best.lr, best.fc_norm, best.score, list(self.trials), method)
+
+
+def _best_point(evaluate: _Evaluator, default: tuple[float, float]) -> tuple[float, float]:
+    """(lr, fc_norm) of the best trial so far, or ``default`` while every
+    trial has returned NaN."""
+    scored = [t for t in evaluate.trials if t.score is not None]
+    if not scored:
+        return default
+    best = max(scored, key=lambda t: t.score)
+    return best.lr, best.fc_norm
 
 
 def _rank(score: Optional[float]) -> float:
@@ -219,12 +246,13 @@ def _line_search(evaluate: _Evaluator, axis: str, fixed: float, lo: float, hi: f
 
 def tune(objective: Objective, *, lr: Range = (1e-3, 1.0), fc_norm: Range = (1.0, 100.0), budget: int = 8,
          seed: int = 0, log: Optional[Union[str, Path]] = None,
-         on_trial: Optional[Callable[[Trial], None]] = None) -> TuneResult:
+         on_trial: Optional[Callable[[Trial], None]] = None,
+         objective_info: Optional[dict] = None) -> TuneResult:
     """FixNorm's sequential search (module docstring): classifier norm first
     at the middle learning rate, then the learning rate, then refinement."""
     lr, fc_norm, budget = _check_range("lr", lr), _check_range("fc_norm", fc_norm), _check_budget(budget)
     evaluate = _Evaluator(objective, budget, "sequential", {"lr": list(lr), "fc_norm": list(fc_norm)}, seed, log,
-                          on_trial)
+                          on_trial, objective_info)
     rng = random.Random(seed)
     # A seed moves the coarse grids by up to a quarter of their spacing: a
     # different, equally spread start for each seed (seed 0 included).
@@ -232,9 +260,9 @@ def tune(objective: Objective, *, lr: Range = (1e-3, 1.0), fc_norm: Range = (1.0
     lr_mid = math.sqrt(lr[0] * lr[1])
     first = max(1, round(budget * 3 / 8))
     second = max(0, min(budget - first, round(budget * 3 / 8)))
+    middle = (lr_mid, math.sqrt(fc_norm[0] * fc_norm[1]))
     _line_search(evaluate, "fc_norm", lr_mid, *fc_norm, first, "fc_norm", jitters[0])
-    best = evaluate.result("sequential")
-    _line_search(evaluate, "lr", best.best_fc_norm, *lr, second, "lr", jitters[1])
+    _line_search(evaluate, "lr", _best_point(evaluate, middle)[1], *lr, second, "lr", jitters[1])
     # Refinement: a step of half the coarse spacing on each side of the best
     # pair (the side where earlier trials scored better first), one direction
     # at a time; a step whose both sides are known is halved.
@@ -244,8 +272,8 @@ def tune(objective: Objective, *, lr: Range = (1e-3, 1.0), fc_norm: Range = (1.0
     for _ in range(4 * 60):  # every pass evaluates or halves a step: 60 halvings reach float resolution
         if evaluate.left <= 0:
             break
-        best = evaluate.result("sequential")
-        centre = math.log(getattr(best, f"best_{axis}"))
+        best_lr, best_fc = _best_point(evaluate, middle)
+        centre = math.log(best_lr if axis == "lr" else best_fc)
         lo, hi = map(math.log, ranges[axis])
         # The side where the trials so far scored better first.
         below = max((_rank(t.score) for t in evaluate.trials if math.log(getattr(t, axis)) < centre - 1e-9),
@@ -254,7 +282,7 @@ def tune(objective: Objective, *, lr: Range = (1e-3, 1.0), fc_norm: Range = (1.0
                     default=-math.inf)
         for sign in ((1, -1) if above >= below else (-1, 1)):
             u = min(max(centre + sign * steps[axis], lo), hi)
-            pair = (math.exp(u), best.best_fc_norm) if axis == "lr" else (best.best_lr, math.exp(u))
+            pair = (math.exp(u), best_fc) if axis == "lr" else (best_lr, math.exp(u))
             if abs(u - centre) > 1e-9 and not evaluate.has(*pair):
                 evaluate(*pair, "refine")
                 break
@@ -266,11 +294,12 @@ def tune(objective: Objective, *, lr: Range = (1e-3, 1.0), fc_norm: Range = (1.0
 
 def random_search(objective: Objective, *, lr: Range = (1e-3, 1.0), fc_norm: Range = (1.0, 100.0),
                   budget: int = 8, seed: int = 0, log: Optional[Union[str, Path]] = None,
-                  on_trial: Optional[Callable[[Trial], None]] = None) -> TuneResult:
+                  on_trial: Optional[Callable[[Trial], None]] = None,
+         objective_info: Optional[dict] = None) -> TuneResult:
     """``budget`` points drawn log-uniformly over both ranges (a baseline)."""
     lr, fc_norm, budget = _check_range("lr", lr), _check_range("fc_norm", fc_norm), _check_budget(budget)
     evaluate = _Evaluator(objective, budget, "random", {"lr": list(lr), "fc_norm": list(fc_norm)}, seed, log,
-                          on_trial)
+                          on_trial, objective_info)
     rng = random.Random(seed)
     while evaluate.left > 0:
         point = (math.exp(rng.uniform(*map(math.log, lr))), math.exp(rng.uniform(*map(math.log, fc_norm))))
@@ -281,7 +310,8 @@ def random_search(objective: Objective, *, lr: Range = (1e-3, 1.0), fc_norm: Ran
 
 def tpe_search(objective: Objective, *, lr: Range = (1e-3, 1.0), fc_norm: Range = (1.0, 100.0), budget: int = 8,
                seed: int = 0, log: Optional[Union[str, Path]] = None,
-               on_trial: Optional[Callable[[Trial], None]] = None) -> TuneResult:
+               on_trial: Optional[Callable[[Trial], None]] = None,
+         objective_info: Optional[dict] = None) -> TuneResult:
     """Optuna's TPE sampler over both ranges in log space (a baseline; needs
     ``pip install optuna``)."""
     try:
@@ -290,7 +320,7 @@ def tpe_search(objective: Objective, *, lr: Range = (1e-3, 1.0), fc_norm: Range 
         raise ImportError("tpe_search needs optuna (pip install optuna); tune and random_search do not") from None
     lr, fc_norm, budget = _check_range("lr", lr), _check_range("fc_norm", fc_norm), _check_budget(budget)
     evaluate = _Evaluator(objective, budget, "tpe", {"lr": list(lr), "fc_norm": list(fc_norm)}, seed, log,
-                          on_trial)
+                          on_trial, objective_info)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     asked = 0

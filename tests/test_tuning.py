@@ -196,3 +196,40 @@ def test_tune_command_on_the_digits(tmp_path, capsys):
 def test_tune_command_refuses_bad_ranges_in_one_line(capsys):
     with pytest.raises(SystemExit, match="tune: lr range must satisfy"):
         cli_main(["tune", "--example", "digits", "--budget", "3", "--epochs", "1", "--lr", "1", "0.1"])
+
+
+def test_a_log_of_another_objective_is_refused(tmp_path):
+    log = tmp_path / "trials.json"
+    tuning.tune(bowl(), lr=LR, fc_norm=FC, budget=3, log=log, objective_info={"epochs": 2})
+    with pytest.raises(ValueError, match="written by another search"):
+        tuning.tune(bowl(), lr=LR, fc_norm=FC, budget=3, log=log, objective_info={"epochs": 10})
+
+
+def test_a_smaller_rerun_keeps_the_earlier_trials_in_the_log(tmp_path):
+    log = tmp_path / "trials.json"
+    first = points(tuning.tune(bowl(), lr=LR, fc_norm=FC, budget=8, log=log))
+    tuning.tune(bowl(), lr=LR, fc_norm=FC, budget=3, log=log)
+    saved = json.loads(log.read_text())
+    kept = {(t["lr"], t["fc_norm"]) for t in saved["trials"] + saved["earlier_trials"]}
+    assert len(saved["trials"]) == 3 and set(first) <= kept
+    again = bowl()
+    tuning.tune(again, lr=LR, fc_norm=FC, budget=8, log=log)
+    assert again.calls == []  # all 8 still there
+
+
+def test_a_first_line_that_diverges_everywhere_does_not_end_the_search():
+    # Every classifier norm at the middle lr diverges (lr > 0.05 here): the
+    # search goes on to the lr line and finds the good region below.
+    def diverges_above(lr, fc_norm):
+        return math.nan if lr > 0.05 else bowl(0.01, 5.0)(lr, fc_norm)
+
+    result = tuning.tune(diverges_above, lr=(1e-3, 10.0), fc_norm=FC, budget=8)
+    assert [t.score for t in result.trials[:3]] == [None] * 3
+    assert len(result.trials) == 8 and result.best_lr <= 0.05
+
+
+def test_a_log_in_a_missing_folder_is_refused_before_any_trial(tmp_path):
+    objective = bowl()
+    with pytest.raises(ValueError, match="does not exist"):
+        tuning.tune(objective, lr=LR, fc_norm=FC, budget=3, log=tmp_path / "no" / "trials.json")
+    assert objective.calls == []
