@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from fixnorm_ext import bench, tune_cli
+from fixnorm_ext import bench, experiment, tune_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=tune_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tune_cli.add_arguments(tune_parser)
     tune_parser.set_defaults(run=tune_cli.main)
+    experiment_parser = commands.add_parser(
+        "experiment", help="FixNorm vs weight decay and the tuner vs its baselines on real data, into docs/",
+        description=experiment.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    experiment.add_arguments(experiment_parser)
+    experiment_parser.set_defaults(run=experiment.main)
     return parser
 
 
