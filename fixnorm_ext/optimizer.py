@@ -40,6 +40,27 @@ def _check_param(p) -> None:
         raise ValueError(f"FusedFixNorm supports float32, float64, bfloat16 and float16 parameters, not {p.dtype}")
 
 
+def _check_no_shared_memory(params: list) -> None:
+    """Refuse parameters whose memory overlaps (two Parameters made on one
+    tensor, a mis-tied weight): each would be stepped and renormalized on its
+    own over the same numbers, and the result would depend on the backend.
+    (The same tensor twice is a duplicate, refused elsewhere.)"""
+    spans, seen = [], set()
+    for p in params:
+        if p.numel() == 0 or p.device.type == "meta" or id(p) in seen:
+            continue  # the same tensor twice: torch.optim's own check says so
+        seen.add(id(p))
+        extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(p.shape, p.stride()))
+        start = p.data_ptr() + min(0, sum((size - 1) * stride for size, stride in zip(p.shape, p.stride())
+                                          if stride < 0)) * p.element_size()
+        spans.append((p.device, start, start + extent * p.element_size(), tuple(p.shape)))
+    spans.sort(key=lambda s: (str(s[0]), s[1]))
+    for a, b in zip(spans, spans[1:]):
+        if a[0] == b[0] and b[1] < a[2]:
+            raise ValueError(f"parameters of shapes {a[3]} and {b[3]} share memory (two Parameters on one "
+                             "tensor?): FusedFixNorm steps each parameter on its own, so they must not overlap")
+
+
 def _check_buffer(buf, p: torch.Tensor) -> None:
     """A momentum buffer in the state must match its parameter (a state edited
     by hand, or loaded from a checkpoint of other parameters, may not)."""
@@ -250,6 +271,7 @@ class FusedFixNorm(Optimizer):
             # differ between backends (and from SGD), so it is refused.
             raise ValueError("a parameter group lists the same parameter more than once: FusedFixNorm refuses "
                              "duplicate parameters (pass each tensor once)")
+        _check_no_shared_memory([p for g in self.param_groups for p in g["params"]] + params)
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _check_group(merged)
         devices = {p.device.type for g in self.param_groups for p in g["params"]} | {p.device.type for p in params}

@@ -304,3 +304,20 @@ def test_duplicate_in_add_param_group_changes_nothing():
             opt.add_param_group({"params": bad, "norm": "fixed"})
         assert [dict(g) for g in opt.param_groups] == groups
         assert opt.state.keys() == state.keys() and q not in opt.state
+
+
+def test_parameters_sharing_memory_are_refused():
+    # Two Parameters made on one tensor (a mis-tied weight): each would be
+    # renormalized on its own over the same numbers, differently per backend.
+    t = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="share memory"):
+        FusedFixNorm([torch.nn.Parameter(t), torch.nn.Parameter(t)], lr=0.1, norm="fixed")
+    overlapping = torch.randn(20)
+    with pytest.raises(ValueError, match="share memory"):
+        FusedFixNorm([torch.nn.Parameter(overlapping[:12]), torch.nn.Parameter(overlapping[8:])], lr=0.1)
+    opt = FusedFixNorm([torch.nn.Parameter(overlapping[:10])], lr=0.1)
+    with pytest.raises(ValueError, match="share memory"):
+        opt.add_param_group({"params": [torch.nn.Parameter(overlapping[5:15])]})
+    assert len(opt.param_groups) == 1
+    # Disjoint views of one buffer are separate parameters, and fine.
+    FusedFixNorm([torch.nn.Parameter(overlapping[:10]), torch.nn.Parameter(overlapping[10:])], lr=0.1)
