@@ -48,7 +48,7 @@ def layer_stats(optimizer, model: Optional[torch.nn.Module] = None) -> list[Laye
     """One row per parameter, in the optimizer's order; names from ``model``
     (``named_parameters``) when given, else ``group{i}.{j}``."""
     names = {} if model is None else {p: name for name, p in model.named_parameters()}
-    angles = getattr(optimizer, "last_angles", {})
+    turned = getattr(optimizer, "last_angles", {})
     rows = []
     for gi, group in enumerate(optimizer.param_groups):
         mode, norm_dim, lr = group.get("norm"), group.get("norm_dim"), _lr(group)
@@ -64,10 +64,25 @@ def layer_stats(optimizer, model: Optional[torch.nn.Module] = None) -> list[Laye
                 target = float(explicit) if explicit is not None else (
                     None if recorded is None else recorded.double().mean().item())
             effective = lr / norm ** 2 if mode == "fixed" and norm > 0 else None
-            angle = angles.get(p)
+            angle = turned.get(p)
             rows.append(LayerStats(names.get(p, f"group{gi}.{pi}"), tuple(p.shape), mode, norm, target, lr,
                                    effective, None if angle is None else angle.item()))
     return rows
+
+
+def angles(before: list, after: list) -> list:
+    """The angle between each pair of tensors (radians, float32, on their
+    device) from the distance of their unit vectors, 2 asin(|u - v| / 2):
+    accurate for the small angles of one step, where acos of a dot product
+    loses them. 0 for a tensor that is or was all zeros."""
+    out = []
+    for a, b in zip(before, after):
+        a, b = a.float(), b.float()
+        na, nb = a.norm(), b.norm()
+        safe = (na > 0) & (nb > 0)
+        chord = (b / torch.where(safe, nb, 1.0) - a / torch.where(safe, na, 1.0)).norm()
+        out.append(torch.where(safe, 2 * torch.asin(torch.clamp(chord / 2, max=1.0)), 0.0))
+    return out
 
 
 def classifier_norm(optimizer) -> Optional[float]:

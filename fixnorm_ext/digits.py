@@ -112,22 +112,34 @@ def train(model, optimizer, train_data, *, epochs: int, batch_size: int = 64, se
     return total_loss / steps_per_epoch
 
 
+def fit_and_score(make_optimizer: Callable, train_data, eval_data, *, epochs: int, seed: int = 0) -> float:
+    """Train a fresh model (initial weights from ``seed``) with
+    ``make_optimizer(model)`` and return its accuracy on ``eval_data`` in
+    percent, or NaN if the training loss diverged."""
+    torch.manual_seed(seed)
+    model = build_model()
+    loss = train(model, make_optimizer(model), train_data, epochs=epochs, seed=seed)
+    if not math.isfinite(loss):
+        return math.nan
+    return 100.0 * evaluate(model, *eval_data)[0]
+
+
+def fixnorm_optimizer(model, lr: float, fc_norm: float, *, momentum: float = 0.9, backend: str = "auto"):
+    """FusedFixNorm as the digits runs use it: conv weights at fixed norm, the
+    classifier clamped at ``fc_norm``, no weight decay, Nesterov momentum."""
+    return FusedFixNorm(fixnorm_param_groups(model, fc_norm=fc_norm), lr=lr, momentum=momentum,
+                        nesterov=momentum > 0, backend=backend)
+
+
 def objective(*, epochs: int = 10, seed: int = 0, momentum: float = 0.9, backend: str = "auto",
               data=None) -> Callable[[float, float], float]:
     """``objective(lr, fc_norm)`` for :mod:`fixnorm_ext.tuning`: train with
-    FusedFixNorm (conv weights at fixed norm, classifier clamped at
-    ``fc_norm``, no weight decay) and return the validation accuracy in
-    percent (NaN if the training loss diverged)."""
+    :func:`fixnorm_optimizer` and return the validation accuracy in percent
+    (NaN if the training loss diverged)."""
     train_data, val_data, _ = load_data(validation=True) if data is None else data
 
     def score(lr: float, fc_norm: float) -> float:
-        torch.manual_seed(seed)
-        model = build_model()
-        opt = FusedFixNorm(fixnorm_param_groups(model, fc_norm=fc_norm), lr=lr, momentum=momentum,
-                           nesterov=momentum > 0, backend=backend)
-        loss = train(model, opt, train_data, epochs=epochs, seed=seed)
-        if not math.isfinite(loss):
-            return math.nan
-        return 100.0 * evaluate(model, *val_data)[0]
+        return fit_and_score(lambda model: fixnorm_optimizer(model, lr, fc_norm, momentum=momentum, backend=backend),
+                             train_data, val_data, epochs=epochs, seed=seed)
 
     return score

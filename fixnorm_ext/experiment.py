@@ -34,9 +34,7 @@ from pathlib import Path
 import torch
 
 from fixnorm_ext import digits, tuning
-from fixnorm_ext.diagnostics import layer_stats
-from fixnorm_ext.grouping import fixnorm_param_groups
-from fixnorm_ext.optimizer import _angles, FusedFixNorm
+from fixnorm_ext.diagnostics import angles, layer_stats
 
 LR = (0.01, 1.0)
 FC_NORM = (1.0, 30.0)
@@ -67,19 +65,15 @@ class Trainer:
 
     def optimizer(self, kind: str, model, lr: float, second: float):
         if kind == "fixnorm":
-            return FusedFixNorm(fixnorm_param_groups(model, fc_norm=second), lr=lr, momentum=0.9, nesterov=True,
-                                backend=self.backend)
+            return digits.fixnorm_optimizer(model, lr, second, backend=self.backend)
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=second)
 
     def score(self, kind: str, lr: float, second: float, seed: int, split: str = "val") -> float:
         key = (kind, round(math.log(lr), 9), round(math.log(second), 9), seed, split)
         if key not in self.cache:
-            torch.manual_seed(seed)
-            model = digits.build_model()
-            loss = digits.train(model, self.optimizer(kind, model, lr, second), self.train, epochs=self.epochs,
-                                seed=seed)
-            data = self.val if split == "val" else self.test
-            self.cache[key] = math.nan if not math.isfinite(loss) else 100.0 * digits.evaluate(model, *data)[0]
+            self.cache[key] = digits.fit_and_score(lambda model: self.optimizer(kind, model, lr, second), self.train,
+                                                   self.val if split == "val" else self.test, epochs=self.epochs,
+                                                   seed=seed)
             self.runs += 1
         return self.cache[key]
 
@@ -150,7 +144,7 @@ def training_curves(trainer: Trainer, fc_norm: float, weight_decay: float, lr: f
         def on_step(step, opt=opt, convs=convs, previous=previous, record=record):
             now = [p.detach() for _, p in convs]
             lr_now = opt.param_groups[0]["lr"]
-            for (name, _), angle, w in zip(convs, _angles(previous, now), now):
+            for (name, _), angle, w in zip(convs, angles(previous, now), now):
                 record[name]["angle"].append(angle.item())
                 record[name]["effective_lr"].append(lr_now / w.double().norm().item() ** 2)
             previous[:] = [w.clone() for w in now]

@@ -9,6 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from fixnorm_ext import reference
+from fixnorm_ext.diagnostics import angles
 from fixnorm_ext.dispatch import BACKENDS, NORM_MODES, GroupHyper, fixnorm_step, resolve_backend
 
 log = logging.getLogger("fixnorm_ext")
@@ -119,29 +120,13 @@ def _check_group(group: dict, *, read_device_lr: bool = True) -> None:
 def _initial_target(p: torch.Tensor, norm_dim: Optional[int]) -> torch.Tensor:
     """The norm ``p`` has now (float64, one value per segment), kept as its target."""
     target = reference.segment_norms(p, norm_dim)
-    if p.numel() > 0 and not bool(torch.isfinite(target).all()):
+    if p.numel() == 0 or bool((torch.isfinite(target) & (target > 0)).all()):  # one read, one sync
+        return target.to(p.device)
+    if not bool(torch.isfinite(target).all()):
         raise ValueError(f"a parameter of shape {tuple(p.shape)} has an inf or NaN norm (non-finite weights), so "
                          "there is no norm to keep: initialize it with finite values")
-    if p.numel() > 0 and bool((target == 0).any()):
-        raise ValueError(
-            f"a parameter of shape {tuple(p.shape)} has a zero norm (or an all-zero dim-0 slice), so there is no "
-            "norm to keep: pass an explicit target_norm for its group")
-    return target.to(p.device)
-
-
-def _angles(before: list, after: list) -> list:
-    """The angle between each pair of tensors (radians, float32, on their
-    device) from the distance of their unit vectors, 2 asin(|u - v| / 2):
-    accurate for the small angles of one step, where acos of a dot product
-    loses them. 0 for a tensor that is or was all zeros."""
-    out = []
-    for a, b in zip(before, after):
-        a, b = a.float(), b.float()
-        na, nb = a.norm(), b.norm()
-        safe = (na > 0) & (nb > 0)
-        chord = (b / torch.where(safe, nb, 1.0) - a / torch.where(safe, na, 1.0)).norm()
-        out.append(torch.where(safe, 2 * torch.asin(torch.clamp(chord / 2, max=1.0)), 0.0))
-    return out
+    raise ValueError(f"a parameter of shape {tuple(p.shape)} has a zero norm (or an all-zero dim-0 slice), so there "
+                     "is no norm to keep: pass an explicit target_norm for its group")
 
 
 def _unscale_grads_like_fused_sgd(grads: list, grad_scale: torch.Tensor, found_inf: Optional[torch.Tensor]) -> None:
@@ -363,7 +348,7 @@ class FusedFixNorm(Optimizer):
         if grad_scale is not None:
             _unscale_grads_like_fused_sgd(grads, grad_scale, found_inf)
         if before is not None:
-            self.last_angles = dict(zip(params, _angles(before, [p.detach() for p in params])))
+            self.last_angles = dict(zip(params, angles(before, [p.detach() for p in params])))
         for p, target in pending_targets.items():
             self.state[p]["target_norm"] = target
         created = [i for i, (old, new) in enumerate(zip(bufs, new_bufs)) if old is None and new is not None]
@@ -405,7 +390,7 @@ class FusedFixNorm(Optimizer):
                              f"{type(target).__name__} {target!r}, not numbers") from None
         rows = group.get("norm_dim") == 0 and p.dim() > 0
         expected = (p.shape[0],) if rows else ()
-        if tuple(t.shape) != expected and t.numel() != 1:
+        if tuple(t.shape) != expected:  # step() would measure the norm again, silently
             raise ValueError(f"checkpoint: the target_norm of a parameter of shape {tuple(p.shape)} has shape "
                              f"{tuple(t.shape)}, expected {expected}")
         if not bool((torch.isfinite(t) & (t > 0)).all()):

@@ -14,7 +14,6 @@ creates buffers). Nothing reads a device value on the host.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import importlib.util
 import os
@@ -23,8 +22,9 @@ from typing import Optional
 
 import torch
 
-from fixnorm_ext.dispatch import (CUDA_CHUNK_BYTES, _device_targets, _env_int, _flat_flags, _on, _plan_key, _remember,
-                                  _run_flat, _upload, build_cuda_plan, build_hparams, meta_rows)
+from fixnorm_ext.dispatch import (CUDA_CHUNK_BYTES, _device_targets, _env_int, _flat_flags, _hparams_key, _on,
+                                  _plan_key, _remember, _run_flat, _splice_lr, _upload, _without_lr_tensors,
+                                  build_cuda_plan, build_hparams, meta_rows)
 
 KERNELS = "kernels.fixnorm_triton"
 TRITON_CHUNK_BYTES = CUDA_CHUNK_BYTES  # of parameter data per chunk of the plan (FIXNORM_TRITON_CHUNK_BYTES)
@@ -130,17 +130,9 @@ def _(params, grads, momentum_buffers, has_buffer, init, hparams, targets, plan,
 def _hparams(groups, device: torch.device, workspace: dict) -> torch.Tensor:
     """The hparams table on ``device``: uploaded again only when a number in
     it changes; lr tensors are read on the device."""
-    lr_tensors = [isinstance(h.lr, torch.Tensor) for h in groups]
-    static_groups = [dataclasses.replace(h, lr=0.0) if t else h for h, t in zip(groups, lr_tensors)]
-    key = (str(device), tuple((h.lr, h.momentum, h.dampening, h.weight_decay, h.nesterov, h.maximize)
-                              for h in static_groups))
-    static = _remember(workspace.setdefault("hparams", {}), key,
-                       lambda: _to_device(build_hparams(static_groups), device))
-    if not any(lr_tensors):
-        return static
-    lrs = torch.stack([h.lr.reshape(()).to(device) if t else static[k, 0]
-                       for k, (h, t) in enumerate(zip(groups, lr_tensors))])
-    return torch.cat([lrs.to(torch.float64)[:, None], static[:, 1:]], dim=1)
+    static = _remember(workspace.setdefault("hparams", {}), _hparams_key(groups, device),
+                       lambda: _to_device(build_hparams(_without_lr_tensors(groups)), device))
+    return _splice_lr(static, groups)
 
 
 def _make_plan(params, group_index, groups, device) -> tuple:
