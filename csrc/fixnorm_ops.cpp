@@ -9,10 +9,15 @@ TORCH_LIBRARY(fixnorm_ext, m) {
   // group has momentum, addressed by meta's buffer column. See fixnorm_meta.h
   // for the hparams / meta / targets tables and the plan (empty on the CPU;
   // the CUDA kernel's work list, kept on the device between steps).
+  // sums (optional, float64 [segments of every tensor, 4], filled by the
+  // step): per segment, the updated weights' sum of squares before any
+  // rescaling, the old weights' sum of squares, <w_old, delta> and
+  // ||delta||^2 (track_stats' angles; the squares of sharded tensors). The
+  // CPU kernel fills it; the CUDA kernel refuses it for now.
   m.def(
       "fixnorm_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor hparams, Tensor meta, Tensor targets, Tensor[] plan, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor(c!)? sums=None) -> ()");
 }
 
 // An importable (empty) Python module: importing fixnorm_ext._C loads this

@@ -298,13 +298,19 @@ def _composition_step(pset: ParamSet) -> StepFn:
     return step
 
 
-def _fixnorm_step(backend: str) -> Callable[[ParamSet], StepFn]:
+def _fixnorm_step(backend: str, track_stats: bool = False) -> Callable[[ParamSet], StepFn]:
     def make(pset: ParamSet) -> StepFn:
         from fixnorm_ext import FusedFixNorm
         params = pset.copy()
         return FusedFixNorm(pset.groups_for(params), lr=LR, momentum=MOMENTUM,
-                            backend=backend).step
+                            backend=backend, track_stats=track_stats).step
     return make
+
+
+# Backends whose kernel measures track_stats' angles in its own pass: the
+# benchmark times them with it too, as "fixnorm_<backend>_stats".
+STATS_BACKENDS = ("cpu",)
+STATS_SUFFIX = "_stats"
 
 
 def device_backends(device: str = "cpu") -> tuple[str, ...]:
@@ -345,6 +351,10 @@ def candidate_contestants(reference_reps: int = REFERENCE_REPS,
             contestant = Contestant(f"fixnorm_{backend}", _fixnorm_step(backend),
                                     f"FusedFixNorm(backend={backend!r})", backend=backend)
         candidates.append((contestant, reason))
+        if backend in STATS_BACKENDS:
+            candidates.append((Contestant(f"fixnorm_{backend}{STATS_SUFFIX}", _fixnorm_step(backend, True),
+                                          f"FusedFixNorm(backend={backend!r}, track_stats=True)",
+                                          backend=backend), reason))
     return candidates
 
 
@@ -664,8 +674,22 @@ def format_table(pset: ParamSet, results: list[Result], skipped: dict[str, str],
         lines.append(f"  {r.contestant.name + mark:<18} {len(r.samples_ms):>4} {r.median_ms:>10.3f} "
                      f"{r.p20_ms:>9.3f} {r.p80_ms:>9.3f} {achieved:>8.1f} {share:>7} {ratio:>12}")
     lines += notes
+    lines += [f"  {line}" for line in stats_overheads(results)]
     lines += [f"  skipped {name}: {reason}" for name, reason in skipped.items()]
     return "\n".join(lines)
+
+
+def stats_overheads(results: list[Result]) -> list[str]:
+    """What track_stats costs: each ``fixnorm_<b>_stats`` step over the
+    ``fixnorm_<b>`` step of the same run."""
+    by_name = {r.contestant.name: r.median_ms for r in results}
+    out = []
+    for name, ms in by_name.items():
+        plain = by_name.get(name.removesuffix(STATS_SUFFIX)) if name.endswith(STATS_SUFFIX) else None
+        if plain:
+            out.append(f"track_stats overhead ({name} over {name.removesuffix(STATS_SUFFIX)}, same run): "
+                       f"{100 * (ms / plain - 1):+.1f}%")
+    return out
 
 
 # The speed targets (contestant, model, measure, op, bound). The CUDA backend
@@ -682,6 +706,8 @@ SPEED_TARGETS = (
     ("fixnorm_triton", "resnet50", "x sgd_fused", "<=", 1.30),
     ("fixnorm_triton", SYNTHETIC, "x fixnorm_cuda", "<=", 1.25),
     ("fixnorm_triton", SYNTHETIC, "x sgd_fused", "<=", 1.30),
+    # Issue 7's aim: track_stats costs at most 3% of the CPU step.
+    ("fixnorm_cpu_stats", "resnet50", "x fixnorm_cpu", "<=", 1.03),
 )
 
 

@@ -28,7 +28,7 @@ try:
 
     @torch.library.register_fake("fixnorm_ext::fixnorm_step")
     def _fixnorm_step_fake(params, grads, momentum_buffers, hparams, meta, targets, plan, grad_scale=None,
-                           found_inf=None):
+                           found_inf=None, sums=None):
         # In-place on its inputs and returns nothing: no output shapes to describe.
         return None
 except ImportError as exc:  # the package still works without its compiled part
@@ -394,7 +394,7 @@ def _run_flat(params, grads, bufs, flat, momentum, launch) -> list:
     return out
 
 
-def _step_cpu(params, grads, bufs, *, group_index, groups, targets, grad_scale, found_inf, workspace):
+def _step_cpu(params, grads, bufs, *, group_index, groups, targets, grad_scale, found_inf, workspace, sums=None):
     key = _layout_key(params, bufs, group_index, groups, targets)
     if key is None or workspace.get("cpu_key") != key:
         workspace["cpu_key"] = key
@@ -407,7 +407,7 @@ def _step_cpu(params, grads, bufs, *, group_index, groups, targets, grad_scale, 
 
     def launch(ps, gs, bs):
         torch.ops.fixnorm_ext.fixnorm_step(ps, gs, [b for b in bs if b is not None], hparams, meta, flat_targets, [],
-                                           grad_scale, found_inf)
+                                           grad_scale, found_inf, sums)
 
     return _run_flat(params, grads, bufs, workspace["cpu_flat"], [groups[gi].momentum != 0 for gi in group_index],
                      launch)
@@ -641,6 +641,106 @@ def _step_cuda_device(params, grads, bufs, *, group_index, groups, targets, grad
     return _run_flat(params, grads, bufs, flat, [groups[gi].momentum != 0 for gi in group_index], launch)
 
 
+# Backends whose kernel fills the ``sums`` table of the step (see :func:`fixnorm_step`).
+SUMS_BACKENDS = ("cpu",)
+SUM_COLS = 4  # new_sq, old_sq, old_dot_delta, delta_sq (csrc/fixnorm_ops.cpp)
+
+
+def sum_rows(params, group_index, groups) -> int:
+    """Rows of the ``sums`` table: one per segment of every tensor (a tensor
+    without norm control is one segment)."""
+    return sum(_segments(p, groups[gi].norm_dim) if groups[gi].norm else 1 for p, gi in zip(params, group_index))
+
+
+@dataclass(frozen=True)
+class SumsLayout:
+    """What turns a ``sums`` table into per-tensor figures: per row, its
+    tensor, norm mode code and target (0 without norm control)."""
+    tensor: torch.Tensor   # int64 [rows]
+    mode: torch.Tensor     # int64 [rows]
+    target: torch.Tensor   # float64 [rows]
+    num_tensors: int
+
+
+def sums_layout(params, *, group_index, groups, targets) -> SumsLayout:
+    tensor, mode, parts = [], [], []
+    for i, (p, gi, t) in enumerate(zip(params, group_index, targets)):
+        h = groups[gi]
+        segs = _segments(p, h.norm_dim) if h.norm else 1
+        tensor += [i] * segs
+        mode += [_MODE_CODE[h.norm]] * segs
+        if h.norm is None:
+            parts.append(torch.zeros(segs, dtype=torch.float64))
+        elif isinstance(t, float):
+            parts.append(torch.full((segs,), t, dtype=torch.float64))
+        else:
+            t = t.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+            parts.append(t.expand(segs) if t.numel() == 1 else t)
+    target = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return SumsLayout(torch.tensor(tensor, dtype=torch.int64), torch.tensor(mode, dtype=torch.int64), target,
+                      len(params))
+
+
+def cached_sums_layout(params, bufs, *, group_index, groups, targets, workspace: dict) -> SumsLayout:
+    """:func:`sums_layout`, kept in ``workspace`` while the layout and targets stay the same."""
+    key = _layout_key(params, bufs, group_index, groups, targets)
+    if key is None or workspace.get("sums_key") != key:
+        workspace["sums_key"] = key
+        workspace["sums_key_objects"] = list(params) + list(targets)  # keeps the ids in the key unique
+        workspace["sums_layout"] = sums_layout(params, group_index=group_index, groups=groups, targets=targets)
+    return workspace["sums_layout"]
+
+
+def rescale_factors(new_sq: torch.Tensor, layout: SumsLayout) -> torch.Tensor:
+    """Per row, the factor the step rescales its segment by, as the kernels
+    compute it: target / norm, at most 1 for "max", 1 without norm control or
+    for a zero norm."""
+    norm = new_sq.sqrt()
+    factor = layout.target / norm
+    factor = torch.where(layout.mode == _MODE_CODE["max"], factor.clamp(max=1.0), factor)
+    return torch.where((layout.mode == 0) | (norm == 0), torch.ones_like(factor), factor)
+
+
+def segment_partials(sums: torch.Tensor, factors: torch.Tensor, tensor: torch.Tensor,
+                     num_tensors: int) -> torch.Tensor:
+    """Per tensor, three sums (float64, [num_tensors, 3]) from which its angle
+    follows, each a sum over its segments, so that shards of a tensor can add
+    theirs (see :func:`angles_from_partials`).
+
+    Row s of ``sums`` holds a_s = ||w_old||^2, x_s = <w_old, delta> and d_s =
+    ||delta||^2 of a segment whose updated weights w_old + delta the step
+    scaled by f_s (``factors``), giving w_new. The partials are
+    ||w_new - w_old||^2 = sum_s (f_s - 1)^2 a_s + 2 (f_s - 1) f_s x_s + f_s^2 d_s,
+    <w_new - w_old, w_old> = sum_s (f_s - 1) a_s + f_s x_s, and ||w_old||^2:
+    every term is of the size of the step, not of the weights."""
+    a, x, d = sums[:, 1], sums[:, 2], sums[:, 3]
+    h = factors - 1.0
+    cols = torch.stack([h * h * a + 2 * h * factors * x + factors * factors * d, h * a + factors * x, a], dim=1)
+    return torch.zeros(num_tensors, 3, dtype=torch.float64).index_add_(0, tensor, cols)
+
+
+def angles_from_partials(partials: torch.Tensor) -> torch.Tensor:
+    """Per tensor, the angle (radians, float64) between its weights before
+    and after the step, from :func:`segment_partials`: with q = ||w_new -
+    w_old||^2, l = <w_new - w_old, w_old> and A = ||w_old||^2, w_new has
+    (1 + l / A) sqrt(A) along w_old and sqrt(q - l^2 / A) across it, which
+    keeps the small tangential part of a step without the cancellation of
+    1 - cos. 0 for a tensor that was all zeros, or a step skipped for an
+    overflow (all sums 0)."""
+    q, l, total = partials[:, 0], partials[:, 1], partials[:, 2]
+    safe = torch.where(total > 0, total, 1.0)
+    across = (q - l * l / safe).clamp(min=0.0).sqrt()
+    along = (1.0 + l / safe) * total.sqrt()
+    return torch.where(total > 0, torch.atan2(across, along), torch.zeros_like(along))
+
+
+def angles_from_sums(sums: torch.Tensor, layout: SumsLayout) -> torch.Tensor:
+    """Per tensor, the angle (radians, float64) it turned in a step whose
+    kernel filled ``sums`` (rescaled by :func:`rescale_factors`)."""
+    factors = rescale_factors(sums[:, 0], layout)
+    return angles_from_partials(segment_partials(sums, factors, layout.tensor, layout.num_tensors))
+
+
 def _step_triton(*args, **kwargs):
     # Imported on first use: fixnorm_ext.triton_backend imports this module.
     return _triton_backend()._step_triton(*args, **kwargs)
@@ -664,6 +764,7 @@ def fixnorm_step(
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
     workspace: Optional[dict] = None,
+    sums: Optional[torch.Tensor] = None,
 ) -> list[Optional[torch.Tensor]]:
     """Apply one FixNorm step to every tensor, in place, with ``backend``.
 
@@ -674,8 +775,18 @@ def fixnorm_step(
     momentum buffers after the step (new ones where there were none).
     ``workspace`` is a dict the backend may keep tables in between calls
     with the same layout (the optimizer passes one per instance).
+
+    ``sums`` (the backends of ``SUMS_BACKENDS``): a float64 tensor of shape
+    ``[sum_rows(...), 4]`` that the step fills, per segment, with the updated
+    weights' sum of squares before rescaling, ``||w_old||^2``,
+    ``<w_old, delta>`` and ``||delta||^2``.
     """
+    extra = {}
+    if sums is not None:
+        if backend not in SUMS_BACKENDS:
+            raise ValueError(f"backend {backend!r} does not report sums (backends that do: {SUMS_BACKENDS})")
+        extra = {"sums": sums}
     return _IMPLS[backend](
         list(params), list(grads), list(momentum_buffers), group_index=list(group_index),
         groups=list(groups), targets=list(targets), grad_scale=grad_scale, found_inf=found_inf,
-        workspace={} if workspace is None else workspace)
+        workspace={} if workspace is None else workspace, **extra)

@@ -123,9 +123,10 @@ struct Coeffs {
 // accumulation type so its square is taken before rounding to storage.
 template <typename scalar_t, typename out_t, int kMomentum, bool kNesterov, bool kDecay>
 FIXNORM_INLINE acc_t<scalar_t> update_one(const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t i,
-                                          const Coeffs<acc_t<scalar_t>>& c, bool unscale) {
+                                          const Coeffs<acc_t<scalar_t>>& c, bool unscale, acc_t<scalar_t>& old) {
   using acc = acc_t<scalar_t>;
   const acc pv = load<acc>(p[i]);
+  old = pv;
   acc gv = load<acc>(g[i]);
   if (unscale) gv = gv / c.grad_scale;  // loop invariant: the compiler hoists the test
   gv = gv * c.sign;
@@ -141,39 +142,76 @@ FIXNORM_INLINE acc_t<scalar_t> update_one(const scalar_t* p, const scalar_t* g, 
   return np;
 }
 
+// What pass 1 sums over a range (see kSumCols): nothing, the new weights'
+// squares (kNormSums), or those and the three sums the angle needs (kAllSums).
+constexpr int kNoSums = 0, kNormSums = 1, kAllSums = 4;
+// Columns of the optional `sums` output, one row per segment: the updated
+// (not yet rescaled) weights' sum of squares, the old weights' sum of
+// squares, <w_old, delta> and ||delta||^2, delta being the update.
+enum SumCol : int { kNewSq = 0, kOldSq = 1, kOldDotDelta = 2, kDeltaSq = 3, kSumCols = 4 };
+
+// Adds one element's terms to lane j of the sums kSums asks for.
+template <int kSums, typename acc>
+FIXNORM_INLINE void add_sums(acc* lanes, double* old_sq, double* old_dot_delta, double* delta_sq, int j, acc old,
+                             acc now) {
+  if constexpr (kSums >= kNormSums) lanes[j] += now * now;
+  if constexpr (kSums == kAllSums) {
+    // The same delta as the AVX2 loop: exact whenever the step is smaller than the weight.
+    const double o = old, d = now - old;
+    old_sq[j] += o * o;
+    old_dot_delta[j] += o * d;
+    delta_sq[j] += d * d;
+  }
+}
+
 // Update [0, n), writing the new weights to `out` (the parameter itself, or
-// scratch), and with kNorm return their sum of squares. Squares are added in
-// kLanes independent lanes (so the compiler can vectorise without
-// reassociating) of the accumulation type within blocks of kBlockElems, and
-// the blocks in float64: rounding error stays at a few float32 ulps however
-// long the tensor, and fixed norms do not drift from their target.
-template <typename scalar_t, typename out_t, int kMomentum, bool kNesterov, bool kDecay, bool kNorm>
-FIXNORM_HOT_LOOP double update_range(const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t n,
-                                     const Coeffs<acc_t<scalar_t>>& c, bool unscale) {
+// scratch), and add the kSums sums of the range to sums[0, kSums). The new
+// weights' squares are added in kLanes independent lanes (so the compiler can
+// vectorise without reassociating) of the accumulation type within blocks of
+// kBlockElems, and the blocks in float64: rounding error stays at a few
+// float32 ulps however long the tensor, and fixed norms do not drift from
+// their target. The three sums of the angle are float64 throughout: the
+// angle of a step mostly along w is what is left of them after a
+// cancellation, which float32 blocks would leave at ~sqrt(eps32) of the step.
+template <typename scalar_t, typename out_t, int kMomentum, bool kNesterov, bool kDecay, int kSums>
+FIXNORM_HOT_LOOP void update_range(const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t n,
+                                   const Coeffs<acc_t<scalar_t>>& c, bool unscale, double* sums) {
   using acc = acc_t<scalar_t>;
+  constexpr bool kStats = kSums == kAllSums;
   double total[kLanes] = {};
+  double old_sq[kLanes] = {}, old_dot_delta[kLanes] = {}, delta_sq[kLanes] = {};
   for (int64_t start = 0; start < n; start += kBlockElems) {
     const int64_t stop = std::min(n, start + kBlockElems);
     acc lanes[kLanes] = {};
     int64_t i = start;
+    acc old;
     for (; i + kLanes <= stop; i += kLanes) {
       for (int j = 0; j < kLanes; ++j) {
-        const acc v = update_one<scalar_t, out_t, kMomentum, kNesterov, kDecay>(p, g, buf, out, i + j, c, unscale);
-        if constexpr (kNorm) lanes[j] += v * v;
+        const acc v =
+            update_one<scalar_t, out_t, kMomentum, kNesterov, kDecay>(p, g, buf, out, i + j, c, unscale, old);
+        add_sums<kSums>(lanes, old_sq, old_dot_delta, delta_sq, j, old, v);
       }
     }
     for (int j = 0; i < stop; ++i, ++j) {
-      const acc v = update_one<scalar_t, out_t, kMomentum, kNesterov, kDecay>(p, g, buf, out, i, c, unscale);
-      if constexpr (kNorm) lanes[j] += v * v;
+      const acc v = update_one<scalar_t, out_t, kMomentum, kNesterov, kDecay>(p, g, buf, out, i, c, unscale, old);
+      add_sums<kSums>(lanes, old_sq, old_dot_delta, delta_sq, j, old, v);
     }
-    if constexpr (kNorm) {
+    if constexpr (kSums >= kNormSums) {
       for (int j = 0; j < kLanes; ++j) total[j] += lanes[j];
     }
   }
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int j = 0; j < width; ++j) total[j] += total[j + width];
+  auto reduce = [](double* lanes) {
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+      for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+    }
+    return lanes[0];
+  };
+  if constexpr (kSums >= kNormSums) sums[kNewSq] += reduce(total);
+  if constexpr (kStats) {
+    sums[kOldSq] += reduce(old_sq);
+    sums[kOldDotDelta] += reduce(old_dot_delta);
+    sums[kDeltaSq] += reduce(delta_sq);
   }
-  return total[0];
 }
 
 // p = src * factor, src being scratch (acc_t) or p itself.
@@ -190,12 +228,20 @@ FIXNORM_HOT_LOOP void scale_range(scalar_t* p, const src_t* src, int64_t n, acc_
 // They keep the buffer (not read again this step) from pushing the freshly
 // updated weights out of cache before pass 2 reads them back. Handles
 // n - n % 16 elements; `buf` must be 32-byte aligned.
-__attribute__((target("avx2,fma"))) double update_f32_avx2(float* p, const float* g, float* buf, int64_t n,
-                                                          const Coeffs<float>& c, bool nesterov, bool decay) {
+// With kStats, also sums the three terms of the angle (see SumCol), in
+// float64 as the generic loop does, and adds all four sums to sums[0..3];
+// otherwise adds the squares to sums[0].
+template <bool kStats>
+__attribute__((target("avx2,fma"))) void update_f32_avx2(float* p, const float* g, float* buf, int64_t n,
+                                                        const Coeffs<float>& c, bool nesterov, bool decay,
+                                                        double* sums) {
   const __m256 lr = _mm256_set1_ps(c.lr), mu = _mm256_set1_ps(c.momentum);
   const __m256 omd = _mm256_set1_ps(c.one_minus_dampening), wd = _mm256_set1_ps(c.weight_decay);
   const __m256 sign = _mm256_set1_ps(c.sign), scale = _mm256_set1_ps(c.grad_scale);
   __m256d total = _mm256_setzero_pd();
+  // The angle's sums: [column - 1][low / high four lanes].
+  __m256d stat[3][2];
+  for (auto& col : stat) col[0] = col[1] = _mm256_setzero_pd();
   const int64_t full = n - n % 16;
   for (int64_t start = 0; start < full; start += kBlockElems) {
     const int64_t stop = std::min(full, start + kBlockElems);
@@ -214,6 +260,19 @@ __attribute__((target("avx2,fma"))) double update_f32_avx2(float* p, const float
         const __m256 np = _mm256_sub_ps(pv, _mm256_mul_ps(lr, d));
         _mm256_storeu_ps(p + k, np);
         lanes[h] = _mm256_add_ps(lanes[h], _mm256_mul_ps(np, np));
+        if constexpr (kStats) {
+          // np - pv is exact in float32 whenever the step is smaller than the
+          // weight (Sterbenz), and a product of two float32 values is exact
+          // in float64, so an FMA rounds the same as a multiply and an add.
+          const __m256 dv = _mm256_sub_ps(np, pv);
+          for (int half = 0; half < 2; ++half) {
+            const __m256d o = _mm256_cvtps_pd(half ? _mm256_extractf128_ps(pv, 1) : _mm256_castps256_ps128(pv));
+            const __m256d delta = _mm256_cvtps_pd(half ? _mm256_extractf128_ps(dv, 1) : _mm256_castps256_ps128(dv));
+            stat[0][half] = _mm256_fmadd_pd(o, o, stat[0][half]);
+            stat[1][half] = _mm256_fmadd_pd(o, delta, stat[1][half]);
+            stat[2][half] = _mm256_fmadd_pd(delta, delta, stat[2][half]);
+          }
+        }
       }
     }
     const __m256 block = _mm256_add_ps(lanes[0], lanes[1]);
@@ -223,7 +282,13 @@ __attribute__((target("avx2,fma"))) double update_f32_avx2(float* p, const float
   _mm_sfence();  // streamed stores are weakly ordered: publish them before the item counts as done
   alignas(32) double t[4];
   _mm256_store_pd(t, total);
-  return (t[0] + t[1]) + (t[2] + t[3]);
+  sums[kNewSq] += (t[0] + t[1]) + (t[2] + t[3]);
+  if constexpr (kStats) {
+    for (int col = 0; col < 3; ++col) {
+      _mm256_store_pd(t, _mm256_add_pd(stat[col][0], stat[col][1]));
+      sums[kOldSq + col] += (t[0] + t[1]) + (t[2] + t[3]);
+    }
+  }
 }
 // FIXNORM_CPU_GENERIC=1 turns the hand-written path off, so that tests can
 // check the generic loops on a machine that has AVX2.
@@ -282,14 +347,14 @@ int kind_of(const double* h, bool init_buffer) {
   return mom * 4 + (h[kNesterov] != 0 ? 2 : 0) + (h[kWeightDecay] != 0 ? 1 : 0);
 }
 
-template <typename scalar_t, typename out_t, bool kNorm>
-double update_dispatch(int kind, const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t n,
-                       const Coeffs<acc_t<scalar_t>>& c) {
+template <typename scalar_t, typename out_t, int kSums>
+void update_dispatch(int kind, const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t n,
+                     const Coeffs<acc_t<scalar_t>>& c, double* sums) {
   switch (kind) {
-#define FIXNORM_KIND(K)                                                                           \
-  case K:                                                                                         \
-    return update_range<scalar_t, out_t, (K) / 4, ((K) & 2) != 0, ((K) & 1) != 0, kNorm>(p, g, buf, out, n, c, \
-                                                                                          c.unscale);
+#define FIXNORM_KIND(K)                                                                                    \
+  case K:                                                                                                  \
+    return update_range<scalar_t, out_t, (K) / 4, ((K) & 2) != 0, ((K) & 1) != 0, kSums>(p, g, buf, out, n, c, \
+                                                                                          c.unscale, sums);
     FIXNORM_KIND(0) FIXNORM_KIND(1) FIXNORM_KIND(2) FIXNORM_KIND(3)
     FIXNORM_KIND(4) FIXNORM_KIND(5) FIXNORM_KIND(6) FIXNORM_KIND(7)
     FIXNORM_KIND(8) FIXNORM_KIND(9) FIXNORM_KIND(10) FIXNORM_KIND(11)
@@ -299,43 +364,58 @@ double update_dispatch(int kind, const scalar_t* p, const scalar_t* g, scalar_t*
 }
 
 // Pass 1 over one item: update, and report each overlapped segment piece's
-// sum of squares to its slot.
+// sums to its slot: slot k is slots[k * cols, (k + 1) * cols), cols being
+// kSumCols with `stats` (every tensor reports all four sums) and 1 without
+// (norm-controlled tensors report their squares).
 template <typename scalar_t>
 void update_item(const TensorPlan& t, const Item& it, const double* hparams, const std::optional<double>& grad_scale,
-                 double* slots, char* scratch) {
+                 double* slots, char* scratch, bool stats) {
   const auto c = coeffs_of<scalar_t>(hparams + t.group * kHparamCols, grad_scale);
   auto* p = static_cast<scalar_t*>(t.p);
   auto* g = static_cast<const scalar_t*>(t.g);
   auto* buf = static_cast<scalar_t*>(t.buf);
   auto* out = t.scratch_offset < 0 ? nullptr : reinterpret_cast<acc_t<scalar_t>*>(scratch + t.scratch_offset);
+  const int cols = stats ? kSumCols : 1;
   for (int64_t lo = it.begin; lo < it.end;) {
     const int64_t seg = lo / t.seg_len;
     const int64_t hi = std::min(it.end, (seg + 1) * t.seg_len);
     scalar_t* b = buf ? buf + lo : nullptr;
-    double& slot = slots[t.slot_offset + seg * t.pieces_per_seg + (lo - seg * t.seg_len) / kItemElems];
+    double* slot = slots + cols * (t.slot_offset + seg * t.pieces_per_seg + (lo - seg * t.seg_len) / kItemElems);
     if (out) {
-      slot = update_dispatch<scalar_t, acc_t<scalar_t>, true>(t.kind, p + lo, g + lo, b, out + lo, hi - lo, c);
+      using acc = acc_t<scalar_t>;
+      if (stats) {
+        update_dispatch<scalar_t, acc, kAllSums>(t.kind, p + lo, g + lo, b, out + lo, hi - lo, c, slot);
+      } else {
+        update_dispatch<scalar_t, acc, kNormSums>(t.kind, p + lo, g + lo, b, out + lo, hi - lo, c, slot);
+      }
     } else {
       // In place. The float32 AVX2 path takes norm-controlled and plain
       // tensors alike, so switching norm control on or off never changes
       // the SGD arithmetic.
       int64_t done = 0;
-      double head = 0.0;
 #ifdef FIXNORM_AVX2_PATH
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (kHasAvx2 && t.kind / 4 == 2 && (reinterpret_cast<uintptr_t>(b) & 31) == 0) {
           done = (hi - lo) - (hi - lo) % 16;
-          head = update_f32_avx2(p + lo, g + lo, b, hi - lo, c, (t.kind & 2) != 0, (t.kind & 1) != 0);
+          double unused = 0.0;  // a plain tensor's squares, not reported
+          double* to = stats || t.mode != kNone ? slot : &unused;
+          if (stats) {
+            update_f32_avx2<true>(p + lo, g + lo, b, hi - lo, c, (t.kind & 2) != 0, (t.kind & 1) != 0, to);
+          } else {
+            update_f32_avx2<false>(p + lo, g + lo, b, hi - lo, c, (t.kind & 2) != 0, (t.kind & 1) != 0, to);
+          }
         }
       }
 #endif
       scalar_t* b_rest = b ? b + done : nullptr;
-      if (t.mode != kNone) {
-        slot = head + update_dispatch<scalar_t, scalar_t, true>(t.kind, p + lo + done, g + lo + done, b_rest,
-                                                                p + lo + done, hi - lo - done, c);
+      scalar_t* rest = p + lo + done;
+      const scalar_t* g_rest = g + lo + done;
+      if (stats) {
+        update_dispatch<scalar_t, scalar_t, kAllSums>(t.kind, rest, g_rest, b_rest, rest, hi - lo - done, c, slot);
+      } else if (t.mode != kNone) {
+        update_dispatch<scalar_t, scalar_t, kNormSums>(t.kind, rest, g_rest, b_rest, rest, hi - lo - done, c, slot);
       } else {
-        update_dispatch<scalar_t, scalar_t, false>(t.kind, p + lo + done, g + lo + done, b_rest, p + lo + done,
-                                                   hi - lo - done, c);
+        update_dispatch<scalar_t, scalar_t, kNoSums>(t.kind, rest, g_rest, b_rest, rest, hi - lo - done, c, nullptr);
       }
     }
     lo = hi;
@@ -344,7 +424,7 @@ void update_item(const TensorPlan& t, const Item& it, const double* hparams, con
 
 // Pass 2 over one item: rescale each overlapped segment by its factor.
 template <typename scalar_t>
-void rescale_item(const TensorPlan& t, const Item& it, const double* slots, const char* scratch) {
+void rescale_item(const TensorPlan& t, const Item& it, const double* slots, const char* scratch, int cols) {
   auto* p = static_cast<scalar_t*>(t.p);
   auto* src = t.scratch_offset < 0 ? nullptr
                                    : reinterpret_cast<const acc_t<scalar_t>*>(scratch + t.scratch_offset);
@@ -352,8 +432,8 @@ void rescale_item(const TensorPlan& t, const Item& it, const double* slots, cons
     const int64_t seg = lo / t.seg_len;
     const int64_t hi = std::min(it.end, (seg + 1) * t.seg_len);
     double sumsq = 0.0;
-    const double* s = slots + t.slot_offset + seg * t.pieces_per_seg;
-    for (int64_t k = 0; k < t.pieces_per_seg; ++k) sumsq += s[k];
+    const double* s = slots + cols * (t.slot_offset + seg * t.pieces_per_seg);
+    for (int64_t k = 0; k < t.pieces_per_seg; ++k) sumsq += s[k * cols];
     const double n = std::sqrt(sumsq);
     const double r = t.target[seg];
     // As the reference: r / n, clamped at 1 for "max" (a NaN norm stays NaN);
@@ -381,8 +461,8 @@ struct BucketProgress {
 
 void run_step(const std::vector<TensorPlan>& plans, const std::vector<Item>& items,
               const std::vector<int64_t>& bucket_starts, const double* hparams, const std::optional<double>& grad_scale,
-              int64_t num_slots, int64_t scratch_bytes, int64_t total_elems) {
-  std::vector<double> slots(num_slots, 0.0);
+              std::vector<double>& slots, bool stats, int64_t scratch_bytes, int64_t total_elems) {
+  const int cols = stats ? kSumCols : 1;
   // Reused across steps so its pages stay mapped and warm in cache.
   thread_local std::vector<char> scratch_store;
   if (static_cast<int64_t>(scratch_store.size()) < scratch_bytes) scratch_store.resize(scratch_bytes);
@@ -390,14 +470,14 @@ void run_step(const std::vector<TensorPlan>& plans, const std::vector<Item>& ite
   auto pass1 = [&](const Item& it) {
     const TensorPlan& t = plans[it.tensor];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.dtype, "fixnorm_step_cpu", [&] {
-      update_item<scalar_t>(t, it, hparams, grad_scale, slots.data(), scratch);
+      update_item<scalar_t>(t, it, hparams, grad_scale, slots.data(), scratch, stats);
     });
   };
   auto pass2 = [&](const Item& it) {
     const TensorPlan& t = plans[it.tensor];
     if (t.mode == kNone) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.dtype, "fixnorm_step_cpu", [&] {
-      rescale_item<scalar_t>(t, it, slots.data(), scratch);
+      rescale_item<scalar_t>(t, it, slots.data(), scratch, cols);
     });
   };
   // One parallel region for the whole step. Threads claim items one at a
@@ -457,9 +537,10 @@ void fixnorm_step_cpu(at::TensorList params, at::TensorList grads,
                       at::TensorList momentum_buffers,
                       const at::Tensor& hparams, const at::Tensor& meta, const at::Tensor& targets,
                       at::TensorList plan, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf) {
+                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& sums) {
   // Everything is checked before the first write, so a refused call changes nothing.
   const int64_t num_tensors = static_cast<int64_t>(params.size());
+  const bool stats = sums.has_value();
   TORCH_CHECK(grads.size() == params.size(), "fixnorm_step: params and grads must have the same length (got ",
               params.size(), " and ", grads.size(), ")");
   TORCH_CHECK(plan.empty(), "fixnorm_step: the CPU kernel takes no plan (got ", plan.size(), " tensors)");
@@ -484,6 +565,8 @@ void fixnorm_step_cpu(at::TensorList params, at::TensorList grads,
   std::vector<int64_t> bucket_starts{0};
   std::vector<bool> buffer_used(momentum_buffers.size(), false);
   int64_t num_slots = 0, bucket_elems = 0, bucket_scratch = 0, scratch_bytes = 0, total_elems = 0;
+  int64_t num_rows = 0;  // of `sums`: one per segment, every tensor's segments in order
+  std::vector<int64_t> first_row(num_tensors);
   for (int64_t i = 0; i < num_tensors; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
@@ -522,6 +605,8 @@ void fixnorm_step_cpu(at::TensorList params, at::TensorList grads,
     const int64_t segs = rows ? p.size(0) : 1;
     TORCH_CHECK(!rows || segs <= 1 || numel == 0 || p.stride(0) == numel / segs, "fixnorm_step: tensor ", i,
                 " has norm_dim=0 but its dim-0 slices are not contiguous blocks (stride ", p.stride(0), ")");
+    first_row[i] = num_rows;
+    num_rows += segs;
     TensorPlan& t = plans[i];
     t.p = p.data_ptr();
     t.g = g.data_ptr();
@@ -561,10 +646,37 @@ void fixnorm_step_cpu(at::TensorList params, at::TensorList grads,
   }
   if (bucket_starts.back() != static_cast<int64_t>(items.size())) bucket_starts.push_back(static_cast<int64_t>(items.size()));
 
+  double* out = nullptr;
+  if (stats) {
+    TORCH_CHECK(sums->device().is_cpu() && sums->scalar_type() == at::kDouble && sums->is_contiguous() &&
+                    sums->dim() == 2 && sums->size(0) == num_rows && sums->size(1) == kSumCols,
+                "fixnorm_step: sums must be a contiguous CPU float64 tensor of shape [", num_rows, ", ", kSumCols,
+                "] (one row per segment), got ", sums->scalar_type(), sums->sizes());
+    out = sums->data_ptr<double>();
+    std::fill(out, out + num_rows * kSumCols, 0.0);
+  }
+
+  // A step skipped for an overflow leaves everything as it was (sums: zeros).
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;
   const std::optional<double> scale =
       grad_scale.has_value() ? std::optional<double>(grad_scale->item<double>()) : std::nullopt;
-  run_step(plans, items, bucket_starts, h, scale, num_slots, scratch_bytes, total_elems);
+  const int cols = stats ? kSumCols : 1;
+  std::vector<double> slots(num_slots * cols, 0.0);
+  run_step(plans, items, bucket_starts, h, scale, slots, stats, scratch_bytes, total_elems);
+  if (!stats) return;
+  // Each segment's sums: its pieces added in order (deterministic).
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    const TensorPlan& t = plans[i];
+    if (params[i].numel() == 0) continue;  // no slots; its rows stay zero
+    const int64_t segs = params[i].numel() / t.seg_len;
+    for (int64_t seg = 0; seg < segs; ++seg) {
+      double* row = out + (first_row[i] + seg) * kSumCols;
+      const double* piece = slots.data() + kSumCols * (t.slot_offset + seg * t.pieces_per_seg);
+      for (int64_t k = 0; k < t.pieces_per_seg; ++k) {
+        for (int col = 0; col < kSumCols; ++col) row[col] += piece[k * kSumCols + col];
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -552,8 +552,9 @@ void check_device_tensor(const at::Tensor& t, const at::Device& device, at::Scal
 void fixnorm_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                        const at::Tensor& hparams, const at::Tensor& meta, const at::Tensor& targets,
                        at::TensorList plan, const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf) {
+                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& sums) {
   // Everything is checked before the first launch, so a refused call changes nothing.
+  TORCH_CHECK(!sums.has_value(), "fixnorm_step: the CUDA kernel does not report sums yet (pass sums=None)");
   const int64_t num_tensors = static_cast<int64_t>(params.size());
   TORCH_CHECK(num_tensors > 0, "fixnorm_step: no tensors");
   const at::Device device = params[0].device();
