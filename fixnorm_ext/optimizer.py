@@ -8,9 +8,10 @@ from typing import Optional, Union
 import torch
 from torch.optim import Optimizer
 
-from fixnorm_ext import reference
+from fixnorm_ext import reference, sharded
 from fixnorm_ext.diagnostics import angles
-from fixnorm_ext.dispatch import BACKENDS, NORM_MODES, GroupHyper, fixnorm_step, resolve_backend
+from fixnorm_ext.dispatch import (BACKENDS, NORM_MODES, SUM_COLS, SUMS_BACKENDS, GroupHyper, angles_from_sums,
+                                  cached_sums_layout, fixnorm_step, resolve_backend, sum_rows)
 
 log = logging.getLogger("fixnorm_ext")
 
@@ -51,6 +52,9 @@ def _check_no_shared_memory(params: list) -> None:
         if p.numel() == 0 or p.device.type == "meta" or id(p) in seen:
             continue  # the same tensor twice: torch.optim's own check says so
         seen.add(id(p))
+        p = sharded.local(p)  # a DTensor: the memory this rank holds
+        if p.numel() == 0:
+            continue
         extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(p.shape, p.stride()))
         start = p.data_ptr() + min(0, sum((size - 1) * stride for size, stride in zip(p.shape, p.stride())
                                           if stride < 0)) * p.element_size()
@@ -119,6 +123,14 @@ def _check_group(group: dict, *, read_device_lr: bool = True) -> None:
 
 def _initial_target(p: torch.Tensor, norm_dim: Optional[int]) -> torch.Tensor:
     """The norm ``p`` has now (float64, one value per segment), kept as its target."""
+    if sharded.is_dtensor(p):
+        target = sharded.initial_target(p, norm_dim)
+        values = sharded.local(target)
+        if p.numel() == 0 or bool((torch.isfinite(values) & (values > 0)).all()):
+            return target
+        raise ValueError(f"a sharded parameter of shape {tuple(p.shape)} has a zero, inf or NaN norm (or dim-0 "
+                         "slice norm), so there is no norm to keep: initialize it with finite values, or pass "
+                         "an explicit target_norm for its group")
     target = reference.segment_norms(p, norm_dim)
     if p.numel() == 0 or bool((torch.isfinite(target) & (target > 0)).all()):  # one read, one sync
         return target.to(p.device)
@@ -183,9 +195,11 @@ class FusedFixNorm(Optimizer):
             momentum buffers while a GradScaler passes ``found_inf``: whether
             the buffers exist afterwards depends on its value.
         track_stats: also measure the angle each parameter turned in the step
-            (``self.last_angles``, see :mod:`fixnorm_ext.diagnostics`). Done in
-            Python on a copy of the parameters (resnet50 on 2 CPU cores: a
-            step 4x as long), not yet in the fused kernels: for diagnosis runs.
+            (``self.last_angles``, see :mod:`fixnorm_ext.diagnostics`). The
+            ``"cpu"`` kernel sums what the angle needs in the same pass as the
+            update; the other backends compare against a copy of the
+            parameters made in Python (resnet50 on 2 CPU cores: a step 4x as
+            long), for diagnosis runs.
     """
 
     _step_supports_amp_scaling = True
@@ -215,9 +229,9 @@ class FusedFixNorm(Optimizer):
         if not isinstance(track_stats, bool):
             raise TypeError(f"track_stats must be True or False, got {track_stats!r}")
         self.track_stats = track_stats
-        # With track_stats: per stepped parameter, the angle (radians, a 0-d
-        # tensor on its device) it turned in the last step; see fixnorm_ext.diagnostics.
-        self.last_angles: dict = {}
+        # With track_stats: the parameters of the last step and the angle each
+        # turned (see last_angles).
+        self._last_turn: tuple = ((), None)
         self.requested_backend = backend
         self.backend: Optional[str] = None
         self.backend_reason = ""
@@ -235,10 +249,18 @@ class FusedFixNorm(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("requested_backend", "auto")
         self.__dict__.setdefault("track_stats", False)
-        self.last_angles = {}
+        self._last_turn = ((), None)
         self._workspace = {}
         devices = {p.device.type for g in self.param_groups for p in g["params"]}
         self.backend, self.backend_reason = resolve_backend(self.requested_backend, devices)
+
+    @property
+    def last_angles(self) -> dict:
+        """With ``track_stats=True``: per parameter stepped in the last step,
+        the angle (radians, a float64 0-d tensor) it turned; 0 for a step
+        skipped for an overflow. Empty otherwise."""
+        params, turned = self._last_turn
+        return {} if turned is None else dict(zip(params, turned.unbind()))
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group, validate it, record the target norms of its parameters
@@ -341,14 +363,39 @@ class FusedFixNorm(Optimizer):
         if not params:
             return loss
 
-        before = [p.detach().clone() for p in params] if self.track_stats else None
+        if any(sharded.is_dtensor(p) for p in params):
+            new_bufs, turned = sharded.sharded_step(
+                params, grads, bufs, group_index=group_index, groups=hypers, targets=targets, backend=self.backend,
+                grad_scale=grad_scale, found_inf=found_inf, workspace=self._workspace.setdefault("sharded", {}),
+                track_stats=self.track_stats)
+            if grad_scale is not None:
+                _unscale_grads_like_fused_sgd([sharded.local(g) for g in grads], grad_scale, found_inf)
+            if turned is not None:
+                self._last_turn = (params, turned)
+            self._finish_step(params, bufs, new_bufs, pending_targets, found_inf)
+            return loss
+        # track_stats: the kernel's sums where it reports them, else a copy.
+        in_kernel = self.track_stats and self.backend in SUMS_BACKENDS
+        sums = torch.empty((sum_rows(params, group_index, hypers), SUM_COLS), dtype=torch.float64) \
+            if in_kernel else None
+        before = [p.detach().clone() for p in params] if self.track_stats and not in_kernel else None
         new_bufs = fixnorm_step(params, grads, bufs, group_index=group_index, groups=hypers, targets=targets,
                                 backend=self.backend, grad_scale=grad_scale, found_inf=found_inf,
-                                workspace=self._workspace)
+                                workspace=self._workspace, sums=sums)
         if grad_scale is not None:
             _unscale_grads_like_fused_sgd(grads, grad_scale, found_inf)
-        if before is not None:
-            self.last_angles = dict(zip(params, angles(before, [p.detach() for p in params])))
+        if sums is not None:
+            layout = cached_sums_layout(params, bufs, group_index=group_index, groups=hypers, targets=targets,
+                                        workspace=self._workspace)
+            self._last_turn = (params, angles_from_sums(sums, layout))
+        elif before is not None:
+            turned = torch.stack(angles(before, [p.detach() for p in params])).double()
+            self._last_turn = (params, turned)
+        self._finish_step(params, bufs, new_bufs, pending_targets, found_inf)
+        return loss
+
+    def _finish_step(self, params, bufs, new_bufs, pending_targets, found_inf) -> None:
+        """Store the targets recorded and the momentum buffers created by a step."""
         for p, target in pending_targets.items():
             self.state[p]["target_norm"] = target
         created = [i for i, (old, new) in enumerate(zip(bufs, new_bufs)) if old is None and new is not None]
@@ -356,7 +403,6 @@ class FusedFixNorm(Optimizer):
         if created and not (found_inf is not None and bool(found_inf.item())):
             for i in created:
                 self.state[params[i]]["momentum_buffer"] = new_bufs[i]
-        return loss
 
     def _check_checkpoint(self, state_dict: dict) -> None:
         """Refuse a checkpoint whose groups, momentum buffers or recorded
