@@ -38,7 +38,7 @@ except ImportError as exc:  # the package still works without its compiled part
     )
 
 NORM_MODES = reference.NORM_MODES
-_MODE_CODE = {None: 0, "fixed": 1, "max": 2}
+MODE_CODE = {None: 0, "fixed": 1, "max": 2}  # NormMode of csrc/fixnorm_meta.h
 BACKENDS = ("auto", "reference", "foreach", "cpu", "cuda", "triton")
 
 
@@ -279,7 +279,7 @@ def meta_rows(params, bufs, *, group_index, groups) -> list[tuple[int, ...]]:
         if h.norm is None:
             rows.append((gi, 0, -1, init, -1, buffer))
             continue
-        rows.append((gi, _MODE_CODE[h.norm], 0 if h.norm_dim == 0 else -1, init, offset, buffer))
+        rows.append((gi, MODE_CODE[h.norm], 0 if h.norm_dim == 0 else -1, init, offset, buffer))
         offset += _segments(p, h.norm_dim)
     return rows
 
@@ -668,7 +668,7 @@ def sums_layout(params, *, group_index, groups, targets) -> SumsLayout:
         h = groups[gi]
         segs = _segments(p, h.norm_dim) if h.norm else 1
         tensor += [i] * segs
-        mode += [_MODE_CODE[h.norm]] * segs
+        mode += [MODE_CODE[h.norm]] * segs
         if h.norm is None:
             parts.append(torch.zeros(segs, dtype=torch.float64))
         elif isinstance(t, float):
@@ -697,7 +697,7 @@ def rescale_factors(new_sq: torch.Tensor, layout: SumsLayout) -> torch.Tensor:
     for a zero norm."""
     norm = new_sq.sqrt()
     factor = layout.target / norm
-    factor = torch.where(layout.mode == _MODE_CODE["max"], factor.clamp(max=1.0), factor)
+    factor = torch.where(layout.mode == MODE_CODE["max"], factor.clamp(max=1.0), factor)
     return torch.where((layout.mode == 0) | (norm == 0), torch.ones_like(factor), factor)
 
 

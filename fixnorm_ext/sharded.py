@@ -200,30 +200,33 @@ def sharded_step(params, grads, bufs, *, group_index, groups, targets, backend, 
             combined[i] = (kind, flat[pos:pos + part.numel()])
             pos += part.numel()
 
-    # Rescale the cut segments by the factor of their global norm (1 after
-    # a step skipped for an overflow: its sums are zeros, or with Python's
-    # sums the weights did not move).
-    skipped = found_inf is not None and bool(found_inf.item())
-    for i, c in enumerate(cut):
-        if not c:
-            continue
-        kind, got = combined[i]
-        h = groups[group_index[i]]
-        target = targets[i]
-        target = torch.as_tensor(target, dtype=torch.float64).reshape(()).cpu()
-        norm = got[0].sqrt()
-        factor = target / norm
-        if h.norm == "max":
-            factor = factor.clamp(max=1.0)
-        if norm == 0 or skipped:
-            factor = torch.ones(())
-        if factors is not None:
-            factors[first_row[i]] = factor
-        if factor != 1.0:
-            acc = torch.float64 if lp[i].dtype == torch.float64 else torch.float32
-            lp[i].mul_(factor.to(device=lp[i].device, dtype=acc))
+    # Rescale the cut segments by the factor of their global norm, as the
+    # kernels do (1 after a step skipped for an overflow: the kernel's sums
+    # are zeros then, and with Python's the weights did not move).
+    cut_index = [i for i, c in enumerate(cut) if c]
+    if cut_index:
+        squares = torch.stack([combined[i][1][0] for i in cut_index])
+        cut_targets = torch.stack([torch.as_tensor(targets[i], dtype=torch.float64).reshape(()).cpu()
+                                   for i in cut_index])
+        modes = torch.tensor([dispatch.MODE_CODE[groups[group_index[i]].norm] for i in cut_index])
+        cut_factors = dispatch.rescale_factors(squares, dispatch.SumsLayout(
+            torch.arange(len(cut_index)), modes, cut_targets, len(cut_index)))
+        if found_inf is not None and bool(found_inf.item()):
+            cut_factors = torch.ones_like(cut_factors)
+        by_kind: dict = {}
+        for i, f in zip(cut_index, cut_factors.tolist()):
+            if factors is not None:
+                factors[first_row[i]] = f
+            if f != 1.0:
+                entry = by_kind.setdefault((lp[i].device, lp[i].dtype), ([], []))
+                entry[0].append(lp[i])
+                entry[1].append(f)
+        for tensors, scalars in by_kind.values():
+            torch._foreach_mul_(tensors, scalars)  # in the math type of the dtype, as the kernels
 
-    out_bufs = [_like_param(nb, p) for nb, p in zip(new_bufs, params)]
+    # Buffers made by this step are local tensors: place them like their
+    # parameter (the others are the state's own DTensors, stepped in place).
+    out_bufs = [_like_param(nb, p) if b is None else nb for nb, b, p in zip(new_bufs, bufs, params)]
     if not track_stats:
         return out_bufs, None
     partials = dispatch.segment_partials(sums, factors, layout.tensor, len(params))
