@@ -51,6 +51,7 @@ COLLECTIVE_TIMEOUT_S = 60
 # Once one rank has failed, how long the others get to report theirs.
 FAILURE_GRACE_S = 3
 START_TIMEOUT_S = 120
+HEALTH_TIMEOUT_S = 10
 
 
 # ------------------------------------------------------------ worker pool
@@ -130,13 +131,31 @@ class WorkerPool:
                 failed_at = time.monotonic()
         if len(answers) == self.world and all(s != "error" for s, _ in answers.values()):
             return [pickle.loads(answers[r][1]) if decode else answers[r][1] for r in range(self.world)]
-        self.close()
+        if len(answers) < self.world or not self._healthy():
+            self.close()
         report = []
         for r in range(self.world):
             status, payload = answers.get(r, ("no answer", f"nothing within {timeout:.0f} s (stuck in a collective?)"))
             if status != "ok":
                 report.append(f"--- rank {r} of {self.world}: {status}\n{payload}")
         pytest.fail(f"task {name!r} failed on {self.world} ranks:\n" + "\n".join(report), pytrace=False)
+
+    def _healthy(self) -> bool:
+        """After every rank raised: whether the group can take the next task,
+        i.e. a barrier completes and every rank has made as many collectives
+        (a rank that raised halfway through a collective the others finished
+        would desynchronize them)."""
+        for q in self.tasks:
+            q.put(("_health_task", {}))
+        answers = {}
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        while len(answers) < self.world and time.monotonic() < deadline:
+            try:
+                rank, status, payload = self.results.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            answers[rank] = pickle.loads(payload) if status == "ok" else None
+        return len(answers) == self.world and None not in answers.values() and len(set(answers.values())) == 1
 
     def close(self) -> None:
         """Stop the workers: politely when idle, by force when broken."""
@@ -167,6 +186,11 @@ def pools():
     yield get
     for pool in live.values():
         pool.close()
+
+
+def _health_task() -> int:
+    dist.barrier()
+    return dist.group.WORLD._get_sequence_number_for_group()
 
 
 def test_workers_import_this_checkout(pools):
@@ -429,3 +453,358 @@ def test_zero_redundancy_optimizer_matches_and_resumes(pools, tmp_path):
         assert keys == sorted(expected), f"consolidated state of param {i}: {keys}"
     keys = ("norm", "target_norm", "norm_dim", "lr", "momentum", "nesterov")
     assert [{k: g[k] for k in keys} for g in saved["groups"]] == [{k: g[k] for k in keys} for g in single["groups"]]
+
+
+# ------------------------------------------------------------ DTensor parameters
+#
+# The expected values are the float64 reference stepping full (unsharded)
+# copies with the full gradients the sharded run used. The sharded optimizer's
+# momentum buffers are expected to be DTensors placed as their parameters
+# (what torch.optim.SGD keeps for DTensor parameters).
+
+DTENSOR_STEPS = 4
+WORLDS = [2, 3]
+_MESH = []
+
+
+def _mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not _MESH:
+        _MESH.append(init_device_mesh("cpu", (_world(),)))
+    return _MESH[0]
+
+
+def _rows_of_rank(n: int, rank: int, world: int) -> slice:
+    """The rows of ``Shard(0)`` on ``rank``: torch.chunk's split, ceil(n/world)
+    rows each, the last ranks short or empty (4 rows on 3 ranks: 2, 2, 0)."""
+    size = -(-n // world)
+    start = min(rank * size, n)
+    return slice(start, min(start + size, n))
+
+
+def _local_piece(full: torch.Tensor, placement) -> torch.Tensor:
+    from torch.distributed.tensor import Shard
+
+    if isinstance(placement, Shard):
+        index = [slice(None)] * full.dim()
+        index[placement.dim] = _rows_of_rank(full.shape[placement.dim], _rank(), _world())
+        return full[tuple(index)]
+    return full
+
+
+def _dtensor(full: torch.Tensor, placement, how: str = "from_local"):
+    """``full`` as a DTensor on the 1-D mesh: ``distribute_tensor`` (rank 0's
+    values, scattered: a collective), or ``DTensor.from_local`` on this
+    rank's piece (no communication), contiguous or column-major."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if how == "distribute":
+        return distribute_tensor(full, _mesh(), [placement])
+    local = _local_piece(full, placement).clone()
+    if how == "strided":
+        local = local.t().contiguous().t()
+        assert local.numel() < 2 or not local.is_contiguous()
+    return DTensor.from_local(local, _mesh(), [placement], run_check=False, shape=full.shape, stride=full.stride())
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+# Hand-made DTensor parameters: name -> (shape, placement, construction, group).
+GROUPS = {  # group name -> hyperparameters (lr and momentum are the optimizer's)
+    "fixed": dict(norm="fixed", nesterov=True),
+    "fixed_rows": dict(norm="fixed", norm_dim=0, dampening=0.1),
+    "max": dict(norm="max", target_norm=1.5),
+    "max_rows": dict(norm="max", norm_dim=0, target_norm=0.5),
+    "plain": dict(weight_decay=0.01),
+}
+
+
+def _hand_made_specs() -> dict:
+    from torch.distributed.tensor import Replicate, Shard
+
+    return {
+        "A": ((9, 4), Shard(0), "distribute", "fixed"),        # 5+4 rows on 2 ranks, 3+3+3 on 3
+        "B": ((5, 3, 2), Shard(0), "distribute", "fixed_rows"),  # uneven: 3+2, 2+2+1
+        "C": ((2, 6), Shard(0), "from_local", "max"),          # 1+1, 1+1+0: an empty shard on 3 ranks
+        "D": ((1, 5), Shard(0), "from_local", "max_rows"),     # one row: empty shards on every other rank
+        "E": ((7,), Shard(0), "from_local", "plain"),
+        "F": ((4, 4), Replicate(), "distribute", "fixed"),     # the whole tensor on every rank
+        "G": ((6, 2), Shard(0), "strided", "fixed"),           # column-major local shards
+        "H": ((0, 3), Shard(0), "from_local", "fixed"),        # empty everywhere
+        "I": ((3, 3), Shard(0), "from_local", "max"),          # 2+1 on 2 ranks, 1+1+1 on 3
+    }
+
+
+def _values(shape, seed: int, scale: float = 1.0) -> torch.Tensor:
+    """The same numbers on every rank."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+
+
+def _build(specs: dict, dtype: torch.dtype, groups: dict = GROUPS):
+    """Parameters as DTensors and as full float64 copies (the same values),
+    and the group lists of both optimizers."""
+    sharded, full = {}, {}
+    for k, (name, (shape, placement, how, _)) in enumerate(specs.items()):
+        values = _values(shape, 10 + k).to(dtype)
+        sharded[name] = nn.Parameter(_dtensor(values, placement, how))
+        full[name] = values.double().clone().requires_grad_(True)
+
+    def group_list(params):
+        return [{"params": [params[n] for n, spec in specs.items() if spec[3] == g], **hyper}
+                for g, hyper in groups.items() if any(spec[3] == g for spec in specs.values())]
+
+    return sharded, full, group_list(sharded), group_list(full)
+
+
+def _set_grads(specs: dict, sharded: dict, full: dict, step: int, dtype: torch.dtype) -> None:
+    for k, (name, (shape, placement, how, _)) in enumerate(specs.items()):
+        g = _values(shape, 1000 * step + k, scale=0.5).to(dtype)
+        sharded[name].grad = _dtensor(g, placement, "from_local")
+        full[name].grad = g.double()
+
+
+def _compare(specs: dict, opt, sharded: dict, ref, full: dict, dtype, steps: int, what: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    for name in specs:
+        p, q = sharded[name], full[name]
+        assert isinstance(p, DTensor), f"{what} {name}: the parameter is no longer a DTensor ({type(p).__name__})"
+        _assert_close(_full(p.detach()), q.detach(), dtype, steps, f"{what} {name} (rank {_rank()}) param")
+        buf = opt.state[p].get("momentum_buffer")
+        ref_buf = ref.state[q].get("momentum_buffer")
+        assert (buf is None) == (ref_buf is None), f"{what} {name}: momentum buffer {buf is not None}"
+        if buf is not None:
+            assert isinstance(buf, DTensor) and buf.placements == p.placements, \
+                f"{what} {name}: the momentum buffer should be a DTensor placed as its parameter, got {type(buf)}"
+            _assert_close(_full(buf), ref_buf, dtype, steps, f"{what} {name} (rank {_rank()}) buffer")
+
+
+def _hand_made_task(dtypes: list) -> None:
+    specs = _hand_made_specs()
+    for dtype in dtypes:
+        sharded, full, groups, ref_groups = _build(specs, dtype)
+        # The layout the specs describe (the from_local pieces are torch.chunk's, as distribute_tensor's).
+        for name, (shape, placement, how, _) in specs.items():
+            local = sharded[name].to_local()
+            assert local.shape == _local_piece(torch.empty(shape), placement).shape, (name, local.shape)
+        opt = FusedFixNorm(groups, lr=LR, momentum=MOMENTUM)
+        ref = FusedFixNorm(ref_groups, lr=LR, momentum=MOMENTUM, backend="reference")
+        for step in range(DTENSOR_STEPS):
+            _set_grads(specs, sharded, full, step, dtype)
+            opt.step()
+            ref.step()
+            _compare(specs, opt, sharded, ref, full, dtype, step + 1, f"{dtype} step {step}")
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_dtensor_parameters_match_unsharded_reference(pools, world):
+    """Hand-made DTensors (distribute_tensor and DTensor.from_local; Shard(0)
+    with even, uneven, empty and column-major shards, and Replicate) in
+    fixed / max / plain groups with whole-tensor and per-row norms, momentum,
+    Nesterov, dampening and weight decay: four steps equal to the float64
+    reference on the full tensors, float64 and float32 parameters."""
+    pools(world).run("_hand_made_task", dtypes=[torch.float64, torch.float32])
+
+
+def _fsdp_model() -> nn.Module:
+    """Dim-0 sizes 5, 7 and 1: uneven on 2 and 3 ranks, and the head's weight
+    and bias have one row, so every rank but the first holds an empty shard."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5, bias=False), nn.LayerNorm(5), nn.ReLU(),
+                         nn.Linear(5, 7, bias=False), nn.LayerNorm(7), nn.ReLU(), nn.Linear(7, 1))
+
+
+FSDP_GROUPS = {  # parameter name -> group of GROUPS
+    "0.weight": "fixed", "3.weight": "fixed_rows", "6.weight": "max", "6.bias": "plain",
+    "1.weight": "plain", "1.bias": "plain", "4.weight": "plain", "4.bias": "plain",
+}
+
+
+def _fsdp_task(steps: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Shard
+
+    model = _fsdp_model()
+    full = {n: p.detach().double().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    fully_shard(model[3], mesh=_mesh())
+    fully_shard(model, mesh=_mesh())
+    sharded = dict(model.named_parameters())
+    assert sorted(sharded) == sorted(FSDP_GROUPS)
+    layout = {n: (type(p).__name__, str(p.placements) if isinstance(p, DTensor) else None, tuple(p.to_local().shape))
+              for n, p in sharded.items()}
+    assert all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in sharded.values()), layout
+    specs = {n: (tuple(p.shape), Shard(0), "fully_shard", FSDP_GROUPS[n]) for n, p in sharded.items()}
+    groups = {"fixed": dict(norm="fixed", nesterov=True), "fixed_rows": GROUPS["fixed_rows"],
+              "max": dict(norm="max", target_norm=0.3), "plain": GROUPS["plain"]}
+
+    def group_list(params):
+        return [{"params": [params[n] for n, g in FSDP_GROUPS.items() if g == name], **hyper}
+                for name, hyper in groups.items()]
+
+    opt = FusedFixNorm(group_list(sharded), lr=LR, momentum=MOMENTUM)
+    ref = FusedFixNorm(group_list(full), lr=LR, momentum=MOMENTUM, backend="reference")
+    gen = torch.Generator().manual_seed(50 + _rank())  # each rank its own data
+    for step in range(steps):
+        x, y = torch.randn(4, 6, generator=gen), torch.randn(4, 1, generator=gen)
+        F.mse_loss(model(x), y).backward()
+        for n, p in sharded.items():
+            assert isinstance(p.grad, DTensor) and p.grad.placements == p.placements, (n, type(p.grad))
+            full[n].grad = p.grad.full_tensor().double()
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        _compare(specs, opt, sharded, ref, full, torch.float32, step + 1, f"fully_shard step {step}")
+    return layout
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_fully_shard_matches_unsharded_reference(pools, world):
+    """A model under fully_shard (two FSDP groups, dim-0 sizes 5, 7 and 1):
+    four training steps of FusedFixNorm on its DTensor parameters equal to the
+    float64 reference stepping the full tensors with the full gradients."""
+    layouts = pools(world).run("_fsdp_task", steps=DTENSOR_STEPS)
+    # The layout the test means: the one-row head is empty on every rank but the first.
+    assert [layout["6.weight"][2] for layout in layouts] == [(1, 7)] + [(0, 7)] * (world - 1)
+    assert [layout["0.weight"][2][0] for layout in layouts] == ([3, 2] if world == 2 else [2, 2, 1])
+
+
+def _groups_on_fully_shard_task() -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _convnet(0)
+    before = fixnorm_param_groups(model, fc_norm=FC_NORM)
+    fully_shard(model, mesh=_mesh())
+    after = fixnorm_param_groups(model, fc_norm=FC_NORM)
+    params = {id(p) for p in model.parameters()}
+    assert all(id(p) in params for g in after for p in g["params"]), "groups hold parameters the model no longer has"
+    return {"before": dict(before.roles), "after": dict(after.roles), "method": after.method}
+
+
+def test_param_groups_on_fully_shard_model(pools):
+    """fixnorm_param_groups on a model already under fully_shard (whose
+    parameters are the DTensors the optimizer must get) finds the roles it
+    finds on the plain model."""
+    out = pools(2).run("_groups_on_fully_shard_task")
+    assert out[0]["after"] == out[0]["before"]
+    assert out[0]["method"] == "fx"
+
+
+# --- collectives per step
+
+@contextmanager
+def _counting_collectives():
+    """Count the collectives on the default group while the block runs (its
+    sequence number: every collective, whatever API issued it) and record
+    each ``torch.distributed.all_reduce`` call's tensor (patched in
+    ``torch.distributed`` and ``torch.distributed.distributed_c10d``; code that
+    calls ``torch.distributed.all_reduce`` at call time goes through it)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    group = dist.group.WORLD
+    original = c10d.all_reduce
+    record = {"all_reduce": []}
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        record["all_reduce"].append((tuple(tensor.shape), str(tensor.dtype)))
+        return original(tensor, *args, **kwargs)
+
+    before = group._get_sequence_number_for_group()
+    dist.all_reduce = c10d.all_reduce = counting_all_reduce
+    try:
+        yield record
+    finally:
+        dist.all_reduce = c10d.all_reduce = original
+        record["collectives"] = group._get_sequence_number_for_group() - before
+
+
+def _count_specs(case: str) -> tuple[dict, int]:
+    """Parameters of one case, and how many norm segments span ranks."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    rows = {"R1": ((7, 4), Shard(0), "from_local", "fixed_rows"),
+            "R2": ((5, 3, 2), Shard(0), "from_local", "max_rows"),
+            "P": ((7,), Shard(0), "from_local", "plain")}
+    if case == "whole_norms":  # dim 0 >= 3: every one spans the ranks, on 2 and on 3
+        return {"A": ((9, 4), Shard(0), "from_local", "fixed"), "B": ((5, 3), Shard(0), "from_local", "fixed"),
+                "C": ((6, 2), Shard(0), "from_local", "max"), **rows}, 3
+    if case == "rows_only":
+        return rows, 0
+    if case == "no_norm":
+        return {"P": rows["P"], "Q": ((4, 3), Shard(0), "from_local", "plain")}, 0
+    if case == "replicated":
+        return {"F": ((4, 4), Replicate(), "from_local", "fixed"), "G": ((3,), Replicate(), "from_local", "max"),
+                **rows}, 0
+    raise ValueError(case)
+
+
+def _count_task(case: str) -> list:
+    specs, spanning = _count_specs(case)
+    sharded, full, groups, ref_groups = _build(specs, torch.float32)
+    opt = FusedFixNorm(groups, lr=LR, momentum=MOMENTUM)
+    ref = FusedFixNorm(ref_groups, lr=LR, momentum=MOMENTUM, backend="reference")
+    counts = []
+    for step in range(3):
+        _set_grads(specs, sharded, full, step, torch.float32)
+        with _counting_collectives() as record:
+            opt.step()
+        counts.append(record)
+        ref.step()
+    _compare(specs, opt, sharded, ref, full, torch.float32, 3, case)
+    return counts
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", ["whole_norms", "rows_only", "no_norm", "replicated"])
+def test_collectives_per_step(pools, world, case):
+    """One collective per step, an all-reduce of one float64 vector with one
+    partial sum of squares per norm segment that spans ranks (whole-tensor
+    norms of Shard(0) tensors, from every group together), when there are any;
+    none when every norm is per row with whole rows on each rank, without norm
+    control, or when the tensors are replicated. Three steps each, and the
+    result equal to the reference's (so no norm was left out)."""
+    _, spanning = _count_specs(case)
+    for rank, counts in enumerate(pools(world).run("_count_task", case=case)):
+        for step, record in enumerate(counts):
+            where = f"rank {rank} step {step}"
+            if spanning:
+                assert record["collectives"] == 1, f"{where}: {record}"
+                assert record["all_reduce"] == [((spanning,), "torch.float64")], f"{where}: {record}"
+            else:
+                assert record["collectives"] == 0, f"{where}: {record}"
+                assert record["all_reduce"] == [], f"{where}: {record}"
+
+
+def _other_placement_task() -> str:
+    from torch.distributed.tensor import Shard
+
+    specs = {"rows": ((4, 6), Shard(1), "from_local", "fixed_rows"),
+             "whole": ((5, 4), Shard(1), "from_local", "fixed")}
+    sharded, full, groups, ref_groups = _build(specs, torch.float64)
+    try:
+        opt = FusedFixNorm(groups, lr=LR, momentum=MOMENTUM)
+        ref = FusedFixNorm(ref_groups, lr=LR, momentum=MOMENTUM, backend="reference")
+        for step in range(2):
+            _set_grads(specs, sharded, full, step, torch.float64)
+            opt.step()
+            ref.step()
+    except (NotImplementedError, ValueError, TypeError, RuntimeError) as exc:
+        # A refusal names what it refuses (not, say, a check that misread the DTensors).
+        assert "shard" in str(exc).lower() or "placement" in str(exc).lower(), f"refused for another reason: {exc}"
+        return f"refused: {type(exc).__name__}: {exc}"
+    _compare(specs, opt, sharded, ref, full, torch.float64, 2, "Shard(1)")
+    return "stepped"
+
+
+def test_rows_split_across_ranks_are_right_or_refused(pools):
+    """Shard(1) puts pieces of every row on every rank: a per-row norm needs
+    the other ranks' partial sums there. Whatever the optimizer does with it,
+    it is not a wrong result: either the step equals the reference or it is
+    refused with an error that names the placement (or sharding)."""
+    outcomes = pools(2).run("_other_placement_task")
+    assert len(set(o.split(":")[0] for o in outcomes)) == 1, outcomes
+
