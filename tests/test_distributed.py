@@ -808,3 +808,35 @@ def test_rows_split_across_ranks_are_right_or_refused(pools):
     outcomes = pools(2).run("_other_placement_task")
     assert len(set(o.split(":")[0] for o in outcomes)) == 1, outcomes
 
+
+
+# ------------------------------------------------------------ bench/distributed.py
+
+def _bench_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "distributed.py"
+    spec = importlib.util.spec_from_file_location("bench_distributed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_counts_the_segments_that_span_ranks():
+    """The benchmark's rows are torch.chunk's (Shard(0)'s) and its all-reduce
+    has one element per whole-tensor norm whose rows lie on two ranks or more."""
+    bench_distributed = _bench_module()
+    for n in range(9):
+        for world in (2, 3, 4):
+            sizes = [len(range(n)[bench_distributed.rows_of_rank(n, r, world)]) for r in range(world)]
+            chunks = [c.shape[0] for c in torch.empty(n).chunk(world)] if n else []
+            assert sizes == chunks + [0] * (world - len(chunks)), (n, world, sizes)
+    shapes = [(8, 3), (1, 5), (4,), (0, 2), (6, 2), (3, 3), (5,)]
+    groups = [{"params": [0, 1, 2, 3], "norm": "fixed", "norm_dim": None},
+              {"params": [4], "norm": "fixed", "norm_dim": 0},
+              {"params": [5], "norm": "max", "norm_dim": None},
+              {"params": [6], "norm": None, "norm_dim": None}]
+    # (8, 3), (4,) and (3, 3): the one-row and the empty tensor live on one
+    # rank, the per-row and the plain tensor need no norm across ranks.
+    assert bench_distributed.spanning_segments(shapes, groups, 2) == 3
+    assert bench_distributed.spanning_segments(shapes, groups, 3) == 3
