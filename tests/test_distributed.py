@@ -301,9 +301,11 @@ DDP_STEPS = 5
 def _ddp_task(steps: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = _convnet(0)
-    opt = FusedFixNorm(_convnet_groups(model), lr=LR, momentum=MOMENTUM, nesterov=True)
+    # Each rank its own initialization: DDP's constructor gives every rank
+    # rank 0's weights, and the optimizer built after it records their norms.
+    model = _convnet(_rank())
     ddp = DDP(model)
+    opt = FusedFixNorm(_convnet_groups(model), lr=LR, momentum=MOMENTUM, nesterov=True)
     classifier = model[-1].weight
     norms = [classifier.detach().double().norm().item()]
     for step in range(steps):
@@ -319,7 +321,8 @@ def _ddp_task(steps: int) -> dict:
 
 
 def test_ddp_matches_single_process(pools):
-    """Five steps of DDP on two ranks: the parameters, momentum buffers and
+    """Five steps of DDP on two ranks (each initialized with its own seed,
+    the optimizer built after DDP): the parameters, momentum buffers and
     recorded targets are bitwise the same on both ranks and bitwise those of
     one process on the two halves of the global batch.
 
