@@ -12,7 +12,9 @@
 # bfloat16 on resnet50, mobilenet_v2, efficientnet_b0 and synthetic1b, every
 # backend with the fused CUDA schedule, then the cuda backend alone with
 # FIXNORM_CUDA_SCHEDULE=phased as a control; report the speed targets of both
-# backends; run the rest of the tests if time is left. Everything is logged
+# backends; with two GPUs or more, time the norm all-reduce of sharded
+# parameters over NCCL (bench/distributed.py, rows in OUTDIR/distributed.jsonl);
+# run the rest of the tests if time is left. Everything is logged
 # to OUTDIR/log.txt (and shown), the benchmark rows go to OUTDIR/cuda.jsonl.
 #
 # Each step has its own time limit and the whole run a budget; a step that
@@ -207,7 +209,28 @@ sys.exit(0 if cuda_kernel or os.environ["DRY"] == "1" else 1)
 EOF
 }
 
-export -f find_cuda_tool show_gpu show_versions show_extension
+# The cost of the norm all-reduce of sharded parameters (bench/distributed.py):
+# NCCL over every GPU (up to 8) where there are at least two; dry, two gloo
+# ranks on the CPU with resnet18; with one GPU, nothing to measure.
+bench_distributed() {
+    if [ "$DRY" = 1 ]; then
+        "$PY" bench/distributed.py --device cpu --world 2 --model resnet18 --reps "$REPS" --warmup "$WARMUP" \
+            --out "$OUTDIR/distributed.jsonl"
+        return
+    fi
+    local gpus
+    gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())') || return 1
+    if ((gpus < 2)); then
+        echo "one GPU: no collective to measure (bench/distributed.py needs two ranks)"
+        return 0
+    fi
+    ((gpus > 8)) && gpus=8
+    "$PY" bench/distributed.py --device cuda --world "$gpus" --model resnet50 --reps "$REPS" --warmup "$WARMUP" \
+        --out "$OUTDIR/distributed.jsonl"
+}
+
+export -f find_cuda_tool show_gpu show_versions show_extension bench_distributed
+export OUTDIR REPS WARMUP
 
 log "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET} s, dry run: $DRY, device $DEVICE, repo $(pwd)"
 
@@ -237,6 +260,7 @@ done
 step targets 30 required "$PY" -c \
     'import sys; from fixnorm_ext.bench import print_speed_report; print_speed_report(*sys.argv[1:])' \
     "$RESULTS"
+step bench_distributed 120 optional bash -c bench_distributed
 step tests_rest 150 optional "$PY" -m pytest tests -q -x --ignore=tests/test_cuda.py --ignore=tests/test_triton.py \
     --ignore=tests/test_triton_kernels.py
 
