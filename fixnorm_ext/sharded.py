@@ -90,8 +90,14 @@ def _row_offset(p) -> int:
 
 
 def local(t):
-    """The tensor this rank holds (shares memory: writes reach the DTensor)."""
-    return t.to_local() if is_dtensor(t) else t
+    """The tensor this rank holds (shares memory: writes reach the DTensor).
+    The DTensor's own local tensor where it has one: ``to_local()`` makes a
+    new alias object at every call, which would defeat every table the
+    backends keep per tensor identity."""
+    if not is_dtensor(t):
+        return t
+    held = getattr(t, "_local_tensor", None)
+    return held if isinstance(held, torch.Tensor) else t.to_local()
 
 
 def initial_target(p, norm_dim: Optional[int]) -> torch.Tensor:
@@ -117,7 +123,7 @@ def _local_target(target, placement: Placement, rows: int):
     if target is None or isinstance(target, float):
         return target
     if is_dtensor(target):
-        return target.to_local()
+        return local(target)
     if placement.spread and target.dim() == 1:
         return target[placement.row_offset:placement.row_offset + rows]
     return target
@@ -162,7 +168,8 @@ def sharded_step(params, grads, bufs, *, group_index, groups, targets, backend, 
     new_bufs = dispatch.fixnorm_step(lp, lg, lb, group_index=step_index, groups=hypers, targets=step_targets,
                                      backend=backend, grad_scale=grad_scale, found_inf=found_inf,
                                      workspace=workspace, sums=sums)
-    layout = dispatch.sums_layout(lp, group_index=step_index, groups=hypers, targets=step_targets)
+    layout = dispatch.cached_sums_layout(lp, lb, group_index=step_index, groups=hypers, targets=step_targets,
+                                         workspace=workspace)
     if sums is not None:
         factors = dispatch.rescale_factors(sums[:, 0], layout)
     else:

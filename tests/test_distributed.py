@@ -607,6 +607,53 @@ def _hand_made_task(dtypes: list) -> None:
             _compare(specs, opt, sharded, ref, full, dtype, step + 1, f"{dtype} step {step}")
 
 
+def _tracked_task(backend: str) -> list:
+    """The hand-made parameters in float32 with ``track_stats`` on: steps
+    equal to the reference's, angles equal to the angle between the full
+    tensors before and after each step, and still one all-reduce a step."""
+    from torch.distributed.tensor import DTensor
+
+    specs = _hand_made_specs()
+    sharded, full, groups, ref_groups = _build(specs, torch.float32)
+    opt = FusedFixNorm(groups, lr=LR, momentum=MOMENTUM, backend=backend, track_stats=True)
+    ref = FusedFixNorm(ref_groups, lr=LR, momentum=MOMENTUM, backend="reference")
+    counts = []
+    for step in range(3):
+        _set_grads(specs, sharded, full, step, torch.float32)
+        before = {n: p.detach().full_tensor().double() for n, p in sharded.items()}
+        with _counting_collectives() as record:
+            opt.step()
+        counts.append(len(record["all_reduce"]))
+        ref.step()
+        _compare(specs, opt, sharded, ref, full, torch.float32, step + 1, f"{backend} tracked step {step}")
+        turned = opt.last_angles
+        for name, p in sharded.items():
+            after = p.detach().full_tensor().double()
+            a, b = before[name].reshape(-1), after.reshape(-1)
+            if a.norm() == 0 or b.norm() == 0:
+                expected = 0.0
+            else:
+                expected = 2 * math.asin(min(((b / b.norm() - a / a.norm()).norm() / 2).item(), 1.0))
+            got = turned[p]
+            assert not isinstance(got, DTensor) and got.dtype == torch.float64, (name, type(got), got.dtype)
+            # The angle of the stored float32 weights: the rounding after the
+            # rescale turns them by a few eps32 more.
+            assert math.isclose(got.item(), expected, rel_tol=1e-5, abs_tol=3e-7), \
+                (backend, name, step, got.item(), expected)
+    return counts
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("backend", ["cpu", "foreach"])
+def test_dtensor_track_stats_and_backends(pools, world, backend):
+    """track_stats on DTensor parameters, with the cpu kernel's sums and with
+    the foreach backend (whose sums Python takes from copies): the same steps
+    as the reference, each tensor's angle that of its full tensor, and the
+    angle's sums in the step's one all-reduce."""
+    for rank, counts in enumerate(pools(world).run("_tracked_task", backend=backend)):
+        assert counts == [1, 1, 1], f"rank {rank}: all-reduces per step {counts}"
+
+
 @pytest.mark.parametrize("world", WORLDS)
 def test_dtensor_parameters_match_unsharded_reference(pools, world):
     """Hand-made DTensors (distribute_tensor and DTensor.from_local; Shard(0)
