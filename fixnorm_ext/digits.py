@@ -8,17 +8,23 @@ on the test set).
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
 
-from fixnorm_ext.grouping import fixnorm_param_groups
-from fixnorm_ext.optimizer import FusedFixNorm
+from fixnorm_ext import training
+from fixnorm_ext.training import conv_net, evaluate, fixnorm_optimizer, train
+
+# train, evaluate and fixnorm_optimizer live in fixnorm_ext.training; they are
+# named here too, for examples/train_digits.py and earlier users of this module.
+__all__ = ["load_data", "build_model", "train", "evaluate", "fit_and_score", "fixnorm_optimizer", "objective"]
 
 TEST_SIZE = 450
 VALIDATION_SIZE = 300
+TITLE = "the digits"  # in the experiment's report
+EPOCHS = 10  # default training length of the tuner's objective and of the experiment
+SPLIT = "450 test images, 300 validation images held out from the 1347 training images"
 
 
 def load_data(validation: bool = False):
@@ -51,95 +57,18 @@ def load_data(validation: bool = False):
 
 
 def build_model() -> nn.Sequential:
-    # Plain Sequential, so torch.fx can trace it and see each conv -> BatchNorm edge.
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(64, 10),
-    )
-
-
-@torch.no_grad()
-def evaluate(model, x, y) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy, with BatchNorm in inference mode."""
-    model.eval()
-    logits = model(x)
-    acc = (logits.argmax(dim=1) == y).double().mean().item()
-    return acc, nn.functional.cross_entropy(logits, y).item()
-
-
-def train(model, optimizer, train_data, *, epochs: int, batch_size: int = 64, seed: int = 0,
-          desc: str = "", progress: bool = False, on_step: Optional[Callable[[int], None]] = None) -> float:
-    """Per-step cosine schedule from the optimizer's lr down to 0; the
-    shuffling order depends only on ``seed``. Returns the last epoch's mean
-    training loss. ``on_step(step)`` is called after every step."""
-    x, y = train_data
-    n = len(y)
-    # Drop the incomplete last batch: BatchNorm statistics over a few images are mostly noise.
-    steps_per_epoch = max(1, n // batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    order = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=epochs * steps_per_epoch, desc=desc, leave=False)
-    total_loss = 0.0
-    for epoch in range(epochs):
-        perm = torch.randperm(n, generator=order)
-        total_loss = 0.0
-        for step in range(steps_per_epoch):
-            idx = perm[step * batch_size:(step + 1) * batch_size]
-            loss = loss_fn(model(x[idx]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total_loss += loss.item()
-            if on_step is not None:
-                on_step(epoch * steps_per_epoch + step)
-            if bar is not None:
-                bar.update()
-        if bar is not None:
-            bar.set_postfix(epoch=epoch + 1, loss=f"{total_loss / steps_per_epoch:.4f}")
-    if bar is not None:
-        bar.close()
-    return total_loss / steps_per_epoch
+    return conv_net((32, 64, 64), pool_after=(1,))
 
 
 def fit_and_score(make_optimizer: Callable, train_data, eval_data, *, epochs: int, seed: int = 0) -> float:
-    """Train a fresh model (initial weights from ``seed``) with
-    ``make_optimizer(model)`` and return its accuracy on ``eval_data`` in
-    percent, or NaN if the training loss diverged."""
-    torch.manual_seed(seed)
-    model = build_model()
-    loss = train(model, make_optimizer(model), train_data, epochs=epochs, seed=seed)
-    if not math.isfinite(loss):
-        return math.nan
-    return 100.0 * evaluate(model, *eval_data)[0]
+    """:func:`fixnorm_ext.training.fit_and_score` with the digits net."""
+    return training.fit_and_score(build_model, make_optimizer, train_data, eval_data, epochs=epochs, seed=seed)
 
 
-def fixnorm_optimizer(model, lr: float, fc_norm: float, *, momentum: float = 0.9, backend: str = "auto"):
-    """FusedFixNorm as the digits runs use it: conv weights at fixed norm, the
-    classifier clamped at ``fc_norm``, no weight decay, Nesterov momentum."""
-    return FusedFixNorm(fixnorm_param_groups(model, fc_norm=fc_norm), lr=lr, momentum=momentum,
-                        nesterov=momentum > 0, backend=backend)
-
-
-def objective(*, epochs: int = 10, seed: int = 0, momentum: float = 0.9, backend: str = "auto",
+def objective(*, epochs: int = EPOCHS, seed: int = 0, momentum: float = 0.9, backend: str = "auto",
               data=None) -> Callable[[float, float], float]:
     """``objective(lr, fc_norm)`` for :mod:`fixnorm_ext.tuning`: train with
-    :func:`fixnorm_optimizer` and return the validation accuracy in percent
-    (NaN if the training loss diverged)."""
-    train_data, val_data, _ = load_data(validation=True) if data is None else data
-
-    def score(lr: float, fc_norm: float) -> float:
-        return fit_and_score(lambda model: fixnorm_optimizer(model, lr, fc_norm, momentum=momentum, backend=backend),
-                             train_data, val_data, epochs=epochs, seed=seed)
-
-    return score
+    :func:`fixnorm_optimizer` and return the accuracy on the 300 validation
+    images in percent (NaN if the training loss diverged)."""
+    return training.objective(build_model, load_data(validation=True) if data is None else data, epochs=epochs,
+                              seed=seed, momentum=momentum, backend=backend)
