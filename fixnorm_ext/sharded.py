@@ -129,12 +129,15 @@ def _local_target(target, placement: Placement, rows: int):
     return target
 
 
-def _python_sums(before: torch.Tensor, after: torch.Tensor, segs: int) -> torch.Tensor:
+def _python_sums(before: Optional[torch.Tensor], after: torch.Tensor, segs: int) -> torch.Tensor:
     """The four sums of the ``sums`` table (float64, [segs, 4]) of a step
-    taken from ``before`` to ``after``."""
-    width = before.numel() // segs if segs else 0
-    old = before.detach().to(torch.float64).reshape(segs, width)
+    taken from ``before`` to ``after``; without ``before``, the squares only
+    (the other three columns 0)."""
+    width = after.numel() // segs if segs else 0
     new = after.detach().to(torch.float64).reshape(segs, width)
+    if before is None:
+        return torch.nn.functional.pad(new.square().sum(1, keepdim=True), (0, SUM_COLS - 1))
+    old = before.detach().to(torch.float64).reshape(segs, width)
     delta = new - old
     return torch.stack([new.square().sum(1), old.square().sum(1), (old * delta).sum(1), delta.square().sum(1)], 1)
 
@@ -162,9 +165,10 @@ def sharded_step(params, grads, bufs, *, group_index, groups, targets, backend, 
     sums = None
     if in_kernel and (track_stats or any(cut)):
         sums = torch.empty((dispatch.sum_rows(lp, step_index, hypers), SUM_COLS), dtype=torch.float64)
-    # Without the kernel's sums, Python's need a copy of what they measure.
-    copied = [] if in_kernel else [i for i, c in enumerate(cut) if c or track_stats]
-    before = {i: lp[i].detach().clone() for i in copied}
+    # Without the kernel's sums, Python measures them after the step: the
+    # squares of the cut segments, and for track_stats everything against a
+    # copy of the weights before it.
+    before = {i: lp[i].detach().clone() for i in range(len(lp))} if track_stats and not in_kernel else {}
     new_bufs = dispatch.fixnorm_step(lp, lg, lb, group_index=step_index, groups=hypers, targets=step_targets,
                                      backend=backend, grad_scale=grad_scale, found_inf=found_inf,
                                      workspace=workspace, sums=sums)
@@ -176,7 +180,7 @@ def sharded_step(params, grads, bufs, *, group_index, groups, targets, backend, 
         # Python's sums: of the finished step (rescaled: factor 1), and of
         # the unscaled update for cut segments; zeros where none is needed.
         counts = torch.bincount(layout.tensor, minlength=len(lp)).tolist()
-        sums = torch.cat([_python_sums(before[i], lp[i], n) if i in before
+        sums = torch.cat([_python_sums(before.get(i), lp[i], n) if track_stats or cut[i]
                           else torch.zeros(n, SUM_COLS, dtype=torch.float64) for i, n in enumerate(counts)])
         factors = torch.ones(sums.shape[0], dtype=torch.float64)
 

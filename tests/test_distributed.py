@@ -590,7 +590,7 @@ def _compare(specs: dict, opt, sharded: dict, ref, full: dict, dtype, steps: int
             _assert_close(_full(buf), ref_buf, dtype, steps, f"{what} {name} (rank {_rank()}) buffer")
 
 
-def _hand_made_task(dtypes: list) -> None:
+def _hand_made_task(dtypes: list, backend: str = "auto") -> None:
     specs = _hand_made_specs()
     for dtype in dtypes:
         sharded, full, groups, ref_groups = _build(specs, dtype)
@@ -598,7 +598,7 @@ def _hand_made_task(dtypes: list) -> None:
         for name, (shape, placement, how, _) in specs.items():
             local = sharded[name].to_local()
             assert local.shape == _local_piece(torch.empty(shape), placement).shape, (name, local.shape)
-        opt = FusedFixNorm(groups, lr=LR, momentum=MOMENTUM)
+        opt = FusedFixNorm(groups, lr=LR, momentum=MOMENTUM, backend=backend)
         ref = FusedFixNorm(ref_groups, lr=LR, momentum=MOMENTUM, backend="reference")
         for step in range(DTENSOR_STEPS):
             _set_grads(specs, sharded, full, step, dtype)
@@ -655,13 +655,15 @@ def test_dtensor_track_stats_and_backends(pools, world, backend):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-def test_dtensor_parameters_match_unsharded_reference(pools, world):
+@pytest.mark.parametrize("backend", ["auto", "foreach"])
+def test_dtensor_parameters_match_unsharded_reference(pools, world, backend):
     """Hand-made DTensors (distribute_tensor and DTensor.from_local; Shard(0)
     with even, uneven, empty and column-major shards, and Replicate) in
     fixed / max / plain groups with whole-tensor and per-row norms, momentum,
     Nesterov, dampening and weight decay: four steps equal to the float64
-    reference on the full tensors, float64 and float32 parameters."""
-    pools(world).run("_hand_made_task", dtypes=[torch.float64, torch.float32])
+    reference on the full tensors, float64 and float32 parameters; with the
+    cpu kernel (auto) and with foreach, whose squares Python measures."""
+    pools(world).run("_hand_made_task", dtypes=[torch.float64, torch.float32], backend=backend)
 
 
 def _fsdp_model() -> nn.Module:
