@@ -1,7 +1,8 @@
 """``python -m fixnorm_ext experiment``: FixNorm against weight decay, and the
-few-trial tuner against random search and TPE, on real data (the digits of
-fixnorm_ext.digits), written to ``docs/`` as a Markdown report, a JSON file of
-every number and two PNG plots.
+few-trial tuner against random search and TPE, on real data: the digits of
+fixnorm_ext.digits (the default, written to ``docs/``) or Fashion-MNIST of
+fixnorm_ext.fashion (``--dataset fashion``, written to ``docs/fashion/``), as a
+Markdown report, a JSON file of every number and two PNG plots.
 
 (a) FixNorm (``lr``, ``fc_norm``) against SGD with weight decay (``lr``,
     ``weight_decay``), each tuned by the same sequential search with the same
@@ -16,10 +17,11 @@ every number and two PNG plots.
     rate ``lr / ||w||^2`` and the angle each conv layer turned per step over
     training, FixNorm against weight decay (same schedule, same start).
 
-Every training here is the digits net trained with a per-step cosine
-schedule; a cache keeps each (method, lr, second hyperparameter, seed) result,
-so the grid and the searches share trainings. ``--quick`` shrinks everything
-to check the command in seconds.
+Every training here is the example's net trained with a per-step cosine
+schedule (10 epochs for the digits, 5 for Fashion-MNIST, by default); a cache
+keeps each (method, lr, second hyperparameter, seed) result, so the grid and
+the searches share trainings. ``--quick`` shrinks everything to check the
+command in seconds (on the digits).
 """
 from __future__ import annotations
 
@@ -33,47 +35,56 @@ from pathlib import Path
 
 import torch
 
-from fixnorm_ext import digits, tuning
+from fixnorm_ext import training, tuning
 from fixnorm_ext.diagnostics import angles, layer_stats
 
 LR = (0.01, 1.0)
 FC_NORM = (1.0, 30.0)
 WEIGHT_DECAY = (1e-5, 1e-2)
 WITHIN = 0.5  # points of accuracy, for (b)
+OUT = {"digits": "docs", "fashion": "docs/fashion"}
+# The settings of (a) and (b); --epochs defaults to the example's EPOCHS.
+SETTINGS = {"budget": 8, "seeds": 3, "search_budget": 10, "search_seeds": 3, "grid": 5}
+QUICK = {"epochs": 1, "budget": 3, "seeds": 1, "search_budget": 3, "search_seeds": 1, "grid": 2}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="docs", help="folder for experiment.md, experiment.json and the plots")
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs of every run")
-    parser.add_argument("--budget", type=int, default=8, help="trials per search in (a)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds in (a)")
-    parser.add_argument("--search-budget", type=int, default=10, help="trials per search in (b)")
-    parser.add_argument("--search-seeds", type=int, default=3, help="seeds per method in (b)")
-    parser.add_argument("--grid", type=int, default=5, help="points per axis of the grid in (b)")
+    parser.add_argument("--dataset", choices=training.EXAMPLES, default="digits",
+                        help="the example's data and net (fixnorm_ext.digits or fixnorm_ext.fashion)")
+    parser.add_argument("--out", default=None, help="folder for experiment.md, experiment.json and the plots "
+                        "(default: " + ", ".join(f"{v} for {k}" for k, v in OUT.items()) + ")")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training epochs of every run (default: the example's, 10 digits, 5 fashion)")
+    parser.add_argument("--budget", type=int, default=SETTINGS["budget"], help="trials per search in (a)")
+    parser.add_argument("--seeds", type=int, default=SETTINGS["seeds"], help="seeds in (a)")
+    parser.add_argument("--search-budget", type=int, default=SETTINGS["search_budget"],
+                        help="trials per search in (b)")
+    parser.add_argument("--search-seeds", type=int, default=SETTINGS["search_seeds"], help="seeds per method in (b)")
+    parser.add_argument("--grid", type=int, default=SETTINGS["grid"], help="points per axis of the grid in (b)")
     parser.add_argument("--backend", default="auto", help="FusedFixNorm backend")
     parser.add_argument("--quick", action="store_true", help="a tiny run (1 epoch, 2x2 grid, budget 3, 1 seed)")
 
 
 class Trainer:
-    """Trains the digits net; results cached by (kind, lr, second, seed, split)."""
+    """Trains the example's net; results cached by (kind, lr, second, seed, split)."""
 
-    def __init__(self, epochs: int, backend: str):
-        self.epochs, self.backend = epochs, backend
-        self.train, self.val, self.test = digits.load_data(validation=True)
+    def __init__(self, example, epochs: int, backend: str):
+        self.example, self.epochs, self.backend = example, epochs, backend
+        self.train, self.val, self.test = example.load_data(validation=True)
         self.cache: dict = {}
         self.runs = 0
 
     def optimizer(self, kind: str, model, lr: float, second: float):
         if kind == "fixnorm":
-            return digits.fixnorm_optimizer(model, lr, second, backend=self.backend)
+            return training.fixnorm_optimizer(model, lr, second, backend=self.backend)
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=second)
 
     def score(self, kind: str, lr: float, second: float, seed: int, split: str = "val") -> float:
         key = (kind, round(math.log(lr), 9), round(math.log(second), 9), seed, split)
         if key not in self.cache:
-            self.cache[key] = digits.fit_and_score(lambda model: self.optimizer(kind, model, lr, second), self.train,
-                                                   self.val if split == "val" else self.test, epochs=self.epochs,
-                                                   seed=seed)
+            self.cache[key] = self.example.fit_and_score(lambda model: self.optimizer(kind, model, lr, second),
+                                                         self.train, self.val if split == "val" else self.test,
+                                                         epochs=self.epochs, seed=seed)
             self.runs += 1
         return self.cache[key]
 
@@ -135,7 +146,7 @@ def training_curves(trainer: Trainer, fc_norm: float, weight_decay: float, lr: f
     curves = {}
     for kind, second in (("fixnorm", fc_norm), ("sgd_wd", weight_decay)):
         torch.manual_seed(0)
-        model = digits.build_model()
+        model = trainer.example.build_model()
         opt = trainer.optimizer(kind, model, lr, second)
         convs = [(name, p) for name, p in model.named_parameters() if p.dim() == 4]
         previous = [p.detach().clone() for _, p in convs]
@@ -149,7 +160,7 @@ def training_curves(trainer: Trainer, fc_norm: float, weight_decay: float, lr: f
                 record[name]["effective_lr"].append(lr_now / w.double().norm().item() ** 2)
             previous[:] = [w.clone() for w in now]
 
-        digits.train(model, opt, trainer.train, epochs=trainer.epochs, seed=0, on_step=on_step)
+        training.train(model, opt, trainer.train, epochs=trainer.epochs, seed=0, on_step=on_step)
         curves[kind] = record
         if kind == "fixnorm":
             curves["fixnorm_final_layers"] = [vars(r) for r in layer_stats(opt, model)]
@@ -168,7 +179,7 @@ def plot(results: dict, out: Path) -> list[Path]:
     ax.set_yticks(range(len(grid["lr"])), [f"{v:.3g}" for v in grid["lr"]])
     ax.set_xlabel("fc_norm")
     ax.set_ylabel("lr")
-    ax.set_title("FixNorm on digits: validation accuracy (%)")
+    ax.set_title(f"FixNorm on {results['title']}: validation accuracy (%)")
     for i, row in enumerate(grid["scores"]):
         for j, v in enumerate(row):
             ax.text(j, i, "nan" if math.isnan(v) else f"{v:.1f}", ha="center", va="center", fontsize=7, color="w")
@@ -201,10 +212,11 @@ def plot(results: dict, out: Path) -> list[Path]:
 def report(results: dict) -> str:
     a, b = results["weight_decay"], results["searches"]
     lines = [
-        "# FixNorm on the digits: the experiment", "",
+        f"# FixNorm on {results['title']}: the experiment", "",
         f"Made by `{results['command']}` ({results['seconds']:.0f} s, {results['trainings']} trainings of "
-        f"{results['epochs']} epochs, {results['date']}). Numbers: accuracy in % (450 test images, 300 validation "
-        "images held out from the 1347 training images).", "",
+        f"{results['epochs']} epochs, {results['date']}). Numbers: accuracy in % ({results['split']}).", "",
+        "Settings: " + ", ".join(f"`--{name.replace('_', '-')} {value}`"
+                                 for name, value in results["settings"].items()) + ".", "",
         f"## (a) FixNorm against weight decay, each tuned with {a['budget']} trials", "",
         "| seed | FixNorm: lr, fc_norm | val | test | SGD + wd: lr, weight_decay | val | test |",
         "|---|---|---|---|---|---|---|"]
@@ -238,25 +250,44 @@ def report(results: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    example = training.load_example(args.dataset)
+    defaults = {"epochs": example.EPOCHS, **SETTINGS}
     if args.quick:
-        args.epochs, args.budget, args.seeds, args.search_budget, args.search_seeds, args.grid = 1, 3, 1, 3, 1, 2
-    for name in ("epochs", "budget", "seeds", "search_budget", "search_seeds", "grid"):
-        if getattr(args, name) < 1:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
+    elif args.epochs is None:
+        args.epochs = example.EPOCHS
+    settings = {name: getattr(args, name) for name in defaults}
+    for name, value in settings.items():
+        if value < 1:
             raise SystemExit(f"experiment: --{name.replace('_', '-')} must be >= 1")
-    out = Path(args.out)
+    out = Path(args.out or OUT[args.dataset])
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    trainer = Trainer(args.epochs, args.backend)
+    try:
+        trainer = Trainer(example, args.epochs, args.backend)
+    except (ImportError, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"experiment: {exc}") from None
     print(f"(a) FixNorm vs weight decay: {args.seeds} seeds x 2 searches of {args.budget} trials", flush=True)
     weight_decay = compare_to_weight_decay(trainer, args.budget, args.seeds)
-    print(f"(b) searches vs a {args.grid}x{args.grid} grid", flush=True)
+    print(f"(b) searches vs a {args.grid}x{args.grid} grid ({trainer.runs} trainings so far, "
+          f"{time.perf_counter() - start:.0f} s)", flush=True)
     searches = compare_searches(trainer, args.search_budget, args.search_seeds, args.grid)
-    print("(c) training curves", flush=True)
+    print(f"(c) training curves ({trainer.runs} trainings so far, {time.perf_counter() - start:.0f} s)", flush=True)
     best = max(weight_decay["rows"], key=lambda r: (r["kind"] == "fixnorm", r["val"]))
     best_wd = max((r for r in weight_decay["rows"] if r["kind"] == "sgd_wd"), key=lambda r: r["val"])
     curves = training_curves(trainer, best["second"], best_wd["second"], best["lr"])
-    command = "python -m fixnorm_ext experiment" + (" --quick" if args.quick else "")
-    results = {"command": command, "epochs": args.epochs, "date": time.strftime("%Y-%m-%d"),
+    # The command that makes this report again (--out aside).
+    command = "python -m fixnorm_ext experiment" + ("" if args.dataset == "digits" else f" --dataset {args.dataset}")
+    if args.quick:
+        command += " --quick"
+    else:
+        command += "".join(f" --{name.replace('_', '-')} {value}" for name, value in settings.items()
+                           if value != defaults[name])
+    if args.backend != "auto":
+        command += f" --backend {args.backend}"
+    results = {"command": command, "dataset": args.dataset, "title": example.TITLE, "split": example.SPLIT,
+               "settings": settings, "epochs": args.epochs, "date": time.strftime("%Y-%m-%d"),
                "weight_decay": weight_decay, "searches": searches, "curves": curves,
                "trainings": trainer.runs, "seconds": time.perf_counter() - start}
     pngs = plot(results, out)

@@ -4,6 +4,7 @@ on a real-data example with the few-trial search of fixnorm_ext.tuning.
     python -m fixnorm_ext tune --example digits --budget 8
     python -m fixnorm_ext tune --example digits --budget 8 --log trials.json   # resumable
     python -m fixnorm_ext tune --example digits --method random --budget 8
+    python -m fixnorm_ext tune --example fashion --budget 8                    # Fashion-MNIST, read from disk
 
 Each trial trains the example's model from the same initial weights with
 FusedFixNorm (no weight decay) and scores it on a validation split held out
@@ -16,8 +17,7 @@ import math
 import time
 
 from fixnorm_ext import tuning
-
-EXAMPLES = ("digits",)
+from fixnorm_ext.training import EXAMPLES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,20 +28,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, nargs=2, default=(0.01, 1.0), metavar=("LO", "HI"))
     parser.add_argument("--fc-norm", type=float, nargs=2, default=(1.0, 30.0), metavar=("LO", "HI"))
     parser.add_argument("--seed", type=int, default=0, help="of the search and of every training")
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs per trial")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training epochs per trial (default: the example's, 10 digits, 5 fashion)")
     parser.add_argument("--backend", default="auto", help="FusedFixNorm backend")
     parser.add_argument("--log", default=None, help="JSON trial log; an existing one is resumed")
 
 
 def main(args: argparse.Namespace) -> int:
+    from fixnorm_ext import available_backends, training
+
+    example = training.load_example(args.example)
+    if args.epochs is None:
+        args.epochs = example.EPOCHS
     if args.epochs < 1:
         raise SystemExit("tune: --epochs must be >= 1")
-    from fixnorm_ext import available_backends, digits
-
     backends = available_backends("cpu")
     if args.backend != "auto" and backends.get(args.backend, "unknown backend") is not None:
         raise SystemExit(f"tune: backend {args.backend!r} cannot run here: {backends.get(args.backend, 'unknown')}")
-    objective = digits.objective(epochs=args.epochs, seed=args.seed, backend=args.backend)
+    try:
+        objective = example.objective(epochs=args.epochs, seed=args.seed, backend=args.backend)
+    except (ImportError, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"tune: {exc}") from None
     start = last = time.perf_counter()
     best = [-math.inf]
 

@@ -32,9 +32,9 @@ def test_trials_needed_counts_the_first_trial_within_half_a_point(monkeypatch):
         self.runs += 1
         return 99.0 - 2.0 * (abs(math.log(lr / 0.1)) + abs(math.log(second / 5.0)))
 
-    monkeypatch.setattr(experiment.Trainer, "__init__", lambda self, epochs, backend: setattr(self, "runs", 0))
+    monkeypatch.setattr(experiment.Trainer, "__init__", lambda self, example, epochs, backend: setattr(self, "runs", 0))
     monkeypatch.setattr(experiment.Trainer, "score", fake_score)
-    trainer = experiment.Trainer(1, "auto")
+    trainer = experiment.Trainer(None, 1, "auto")
     result = experiment.compare_searches(trainer, budget=6, seeds=2, grid=3)
     lrs, fcs = result["lr"], result["fc_norm"]
     assert lrs[0] == pytest.approx(experiment.LR[0]) and lrs[-1] == pytest.approx(experiment.LR[1])
