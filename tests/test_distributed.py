@@ -834,34 +834,53 @@ def test_collectives_per_step(pools, world, case):
                 assert record["all_reduce"] == [], f"{where}: {record}"
 
 
-def _other_placement_task() -> str:
-    from torch.distributed.tensor import Shard
+def _other_placement_task() -> list:
+    from torch.distributed.tensor import DTensor, Partial, Shard
 
-    specs = {"rows": ((4, 6), Shard(1), "from_local", "fixed_rows"),
-             "whole": ((5, 4), Shard(1), "from_local", "fixed")}
+    # A whole-tensor norm does not care which dim a shard cuts: Shard(1) steps
+    # like Shard(0), and equals the reference.
+    specs = {"whole": ((5, 4), Shard(1), "from_local", "fixed"), "plain": ((3, 6), Shard(1), "from_local", "plain")}
     sharded, full, groups, ref_groups = _build(specs, torch.float64)
-    try:
-        opt = FusedFixNorm(groups, lr=LR, momentum=MOMENTUM)
-        ref = FusedFixNorm(ref_groups, lr=LR, momentum=MOMENTUM, backend="reference")
-        for step in range(2):
-            _set_grads(specs, sharded, full, step, torch.float64)
-            opt.step()
-            ref.step()
-    except (NotImplementedError, ValueError, TypeError, RuntimeError) as exc:
-        # A refusal names what it refuses (not, say, a check that misread the DTensors).
-        assert "shard" in str(exc).lower() or "placement" in str(exc).lower(), f"refused for another reason: {exc}"
-        return f"refused: {type(exc).__name__}: {exc}"
+    opt = FusedFixNorm(groups, lr=LR, momentum=MOMENTUM)
+    ref = FusedFixNorm(ref_groups, lr=LR, momentum=MOMENTUM, backend="reference")
+    for step in range(2):
+        _set_grads(specs, sharded, full, step, torch.float64)
+        opt.step()
+        ref.step()
     _compare(specs, opt, sharded, ref, full, torch.float64, 2, "Shard(1)")
-    return "stepped"
+    errors = []
+    # Per-row norms whose rows a Shard(1) cuts, and a Partial parameter, are
+    # refused when the optimizer is built (or the group added).
+    rows = nn.Parameter(DTensor.from_local(torch.randn(4, 3, dtype=torch.float64), _mesh(), [Shard(1)],
+                                           run_check=False, shape=(4, 3 * dist.get_world_size()),
+                                           stride=(3 * dist.get_world_size(), 1)))
+    partial = nn.Parameter(DTensor.from_local(torch.randn(4, dtype=torch.float64), _mesh(), [Partial()],
+                                              run_check=False))
+    for params, group in (([rows], dict(norm="fixed", norm_dim=0)), ([partial], dict(norm="fixed"))):
+        try:
+            FusedFixNorm([{"params": params, **group}], lr=LR)
+        except ValueError as exc:
+            errors.append(str(exc))
+    # Without norm control a Partial parameter is refused by the step, before any write.
+    opt = FusedFixNorm([partial], lr=LR)
+    partial.grad = DTensor.from_local(torch.ones(4, dtype=torch.float64), _mesh(), [Partial()], run_check=False)
+    start = partial.detach().to_local().clone()
+    try:
+        opt.step()
+    except ValueError as exc:
+        errors.append(str(exc))
+    assert torch.equal(partial.detach().to_local(), start)
+    return errors
 
 
-def test_rows_split_across_ranks_are_right_or_refused(pools):
-    """Shard(1) puts pieces of every row on every rank: a per-row norm needs
-    the other ranks' partial sums there. Whatever the optimizer does with it,
-    it is not a wrong result: either the step equals the reference or it is
-    refused with an error that names the placement (or sharding)."""
-    outcomes = pools(2).run("_other_placement_task")
-    assert len(set(o.split(":")[0] for o in outcomes)) == 1, outcomes
+def test_other_placements_step_or_are_refused(pools):
+    """Shard(1) with whole-tensor norms steps as the reference does; per-row
+    norms cut by Shard(1), and Partial parameters, are refused with an error
+    that names the placement, and a refused step writes nothing."""
+    for errors in pools(2).run("_other_placement_task"):
+        assert len(errors) == 3, errors
+        assert "sharded on dim 1, which cuts its rows" in errors[0], errors[0]
+        assert all("Partial" in e for e in errors[1:]), errors
 
 
 
