@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from fixnorm_ext import reference, sharded
 from fixnorm_ext.diagnostics import angles
 from fixnorm_ext.dispatch import (BACKENDS, NORM_MODES, SUM_COLS, SUMS_BACKENDS, GroupHyper, angles_from_sums,
-                                  cached_sums_layout, fixnorm_step, resolve_backend, sum_rows)
+                                  cached_sums_layout, fixnorm_step, resolve_backend)
 
 log = logging.getLogger("fixnorm_ext")
 
@@ -230,7 +230,7 @@ class FusedFixNorm(Optimizer):
             raise TypeError(f"track_stats must be True or False, got {track_stats!r}")
         self.track_stats = track_stats
         # With track_stats: the parameters of the last step and the angle each
-        # turned (see last_angles).
+        # turned, or what it is computed from (see last_angles).
         self._last_turn: tuple = ((), None)
         self.requested_backend = backend
         self.backend: Optional[str] = None
@@ -260,7 +260,12 @@ class FusedFixNorm(Optimizer):
         the angle (radians, a float64 0-d tensor) it turned; 0 for a step
         skipped for an overflow. Empty otherwise."""
         params, turned = self._last_turn
-        return {} if turned is None else dict(zip(params, turned.unbind()))
+        if turned is None:
+            return {}
+        if isinstance(turned, tuple):  # the kernel's sums and their layout: computed when first asked for
+            turned = angles_from_sums(*turned)
+            self._last_turn = (params, turned)
+        return dict(zip(params, turned.unbind()))
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group, validate it, record the target norms of its parameters
@@ -376,8 +381,11 @@ class FusedFixNorm(Optimizer):
             return loss
         # track_stats: the kernel's sums where it reports them, else a copy.
         in_kernel = self.track_stats and self.backend in SUMS_BACKENDS
-        sums = torch.empty((sum_rows(params, group_index, hypers), SUM_COLS), dtype=torch.float64) \
-            if in_kernel else None
+        sums = layout = None
+        if in_kernel:
+            layout = cached_sums_layout(params, bufs, group_index=group_index, groups=hypers, targets=targets,
+                                        workspace=self._workspace)
+            sums = torch.empty((layout.tensor.numel(), SUM_COLS), dtype=torch.float64)
         before = [p.detach().clone() for p in params] if self.track_stats and not in_kernel else None
         new_bufs = fixnorm_step(params, grads, bufs, group_index=group_index, groups=hypers, targets=targets,
                                 backend=self.backend, grad_scale=grad_scale, found_inf=found_inf,
@@ -385,9 +393,7 @@ class FusedFixNorm(Optimizer):
         if grad_scale is not None:
             _unscale_grads_like_fused_sgd(grads, grad_scale, found_inf)
         if sums is not None:
-            layout = cached_sums_layout(params, bufs, group_index=group_index, groups=hypers, targets=targets,
-                                        workspace=self._workspace)
-            self._last_turn = (params, angles_from_sums(sums, layout))
+            self._last_turn = (params, (sums, layout))
         elif before is not None:
             turned = torch.stack(angles(before, [p.detach() for p in params])).double()
             self._last_turn = (params, turned)
