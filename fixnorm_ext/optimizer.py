@@ -435,16 +435,23 @@ class FusedFixNorm(Optimizer):
 
     @staticmethod
     def _check_saved_target(target, p: torch.Tensor, group: dict) -> None:
+        rows = group.get("norm_dim") == 0 and p.dim() > 0
+        expected = (p.shape[0],) if rows else ()
+        if sharded.is_dtensor(target):  # the shape is the whole tensor's; the values are this rank's rows
+            shape, target = tuple(target.shape), sharded.local(target)
+        else:
+            shape = None
         try:
             t = torch.as_tensor(target, dtype=torch.float64, device="cpu")
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"checkpoint: the target_norm of a parameter of shape {tuple(p.shape)} is "
                              f"{type(target).__name__} {target!r}, not numbers") from None
-        rows = group.get("norm_dim") == 0 and p.dim() > 0
-        expected = (p.shape[0],) if rows else ()
-        if tuple(t.shape) != expected:  # step() would measure the norm again, silently
+        shape = tuple(t.shape) if shape is None else shape
+        if shape != expected:  # step() would measure the norm again, silently
             raise ValueError(f"checkpoint: the target_norm of a parameter of shape {tuple(p.shape)} has shape "
-                             f"{tuple(t.shape)}, expected {expected}")
+                             f"{shape}, expected {expected}")
+        if p.numel() == 0:
+            return  # an empty tensor's norm is 0, and it is recorded as such
         if not bool((torch.isfinite(t) & (t > 0)).all()):
             raise ValueError(f"checkpoint: the target_norm of a parameter of shape {tuple(p.shape)} must be finite "
                              f"and > 0, got {t.tolist()}")

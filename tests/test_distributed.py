@@ -834,6 +834,40 @@ def test_collectives_per_step(pools, world, case):
                 assert record["all_reduce"] == [], f"{where}: {record}"
 
 
+def _checkpoint_task() -> bool:
+    """A sharded optimizer's state_dict, through torch.save / torch.load on
+    each rank, into a new optimizer over the same DTensors' copies: the next
+    steps equal the uninterrupted run's, targets and buffers included."""
+    import io
+
+    specs = _hand_made_specs()
+    sharded, full, groups, _ = _build(specs, torch.float32)
+    twin, _, twin_groups, _ = _build(specs, torch.float32)
+    opt = FusedFixNorm(groups, lr=LR, momentum=MOMENTUM)
+    for step in range(2):
+        _set_grads(specs, sharded, full, step, torch.float32)
+        opt.step()
+    blob = io.BytesIO()
+    torch.save(opt.state_dict(), blob)
+    blob.seek(0)
+    with torch.no_grad():
+        for name in specs:
+            twin[name].to_local().copy_(sharded[name].to_local())
+    resumed = FusedFixNorm(twin_groups, lr=LR, momentum=MOMENTUM)
+    resumed.load_state_dict(torch.load(blob, weights_only=False))
+    for step in range(2, 4):
+        _set_grads(specs, sharded, full, step, torch.float32)
+        for name in specs:
+            twin[name].grad = sharded[name].grad
+        opt.step()
+        resumed.step()
+    return all(torch.equal(sharded[n].to_local(), twin[n].to_local()) for n in specs)
+
+
+def test_sharded_checkpoint_resumes_bitwise(pools):
+    assert pools(2).run("_checkpoint_task") == [True, True]
+
+
 def _other_placement_task() -> list:
     from torch.distributed.tensor import DTensor, Partial, Shard
 

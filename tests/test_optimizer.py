@@ -1080,3 +1080,14 @@ def test_hyperparameters_of_the_wrong_type_are_refused(kwargs, error, match):
 def test_unsupported_parameter_dtypes_are_refused_at_construction(dtype):
     with pytest.raises(ValueError, match="supports float32, float64, bfloat16 and float16"):
         FusedFixNorm([torch.zeros(3).to(dtype)], lr=0.1)
+
+
+def test_checkpoint_of_empty_parameters_loads():
+    """An empty tensor under norm control records the norm it has, 0; its
+    checkpoint loads (the check that a target is > 0 refused it once)."""
+    p, q = torch.nn.Parameter(torch.empty(0, 3)), torch.nn.Parameter(torch.empty(5, 0))
+    groups = [{"params": [p], "norm": "fixed"}, {"params": [q], "norm": "fixed", "norm_dim": 0}]
+    saved = FusedFixNorm(groups, lr=0.1).state_dict()
+    opt = FusedFixNorm([{**g} for g in groups], lr=0.1)
+    opt.load_state_dict(saved)
+    assert opt.state[q]["target_norm"].shape == (5,) and float(opt.state[p]["target_norm"]) == 0.0
