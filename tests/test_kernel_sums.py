@@ -78,20 +78,23 @@ def test_track_stats_angles_match_the_float64_step(dtype, momentum):
                 assert expected > 1e-3, (tuple(p.shape), expected)  # every nonempty tensor turns
 
 
-def test_angles_are_exact_for_a_step_along_the_weights():
+def test_angles_of_steps_along_and_across_the_weights():
     """A gradient parallel to w (a radial step) turns it by 0, however large
-    the step; a tangential one by atan of its relative size. The sums keep
-    the tangential part without the cancellation of 1 - cos."""
+    the step; a tangential one by atan of its relative size. The sums are
+    float32 within blocks of 256 (as the norms): the angle of a radial step
+    is what is left of ||delta||^2 - <w, delta>^2 / ||w||^2 after a
+    cancellation, good to ~sqrt(eps32) of the relative step |delta| / |w|;
+    the bound is 1e-3 of it. A tangential step's angle has no cancellation."""
     w = torch.full((1000,), 0.5, requires_grad=True)
     v = torch.zeros(1000)
-    v[::2], v[1::2] = 1.0, -1.0  # orthogonal to w, |v| = |w| * 2
+    v[::2], v[1::2] = 1.0, -1.0  # orthogonal to w
     u = torch.tensor([1.0, 0.0] * 500, requires_grad=True)
     opt = FusedFixNorm([{"params": [w], "norm": "fixed"}, {"params": [u]}], lr=1.0, backend="cpu",
                        track_stats=True)
-    w.grad = w.detach() * 0.3
+    w.grad = w.detach() * 0.3  # a radial step of relative size 0.3
     u.grad = torch.tensor([0.0, 1e-4] * 500)
     opt.step()
-    assert abs(opt.last_angles[w].item()) < 1e-7
+    assert abs(opt.last_angles[w].item()) < 1e-3 * 0.3
     assert opt.last_angles[u].item() == pytest.approx(math.atan(1e-4), rel=1e-5)
     w.grad = v * 1e-3  # tangential, relative size 2e-3 / 1 ... of |w| = sqrt(250)
     start = w.detach().clone()

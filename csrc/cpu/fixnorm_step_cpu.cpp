@@ -152,65 +152,53 @@ enum SumCol : int { kNewSq = 0, kOldSq = 1, kOldDotDelta = 2, kDeltaSq = 3, kSum
 
 // Adds one element's terms to lane j of the sums kSums asks for.
 template <int kSums, typename acc>
-FIXNORM_INLINE void add_sums(acc* lanes, double* old_sq, double* old_dot_delta, double* delta_sq, int j, acc old,
-                             acc now) {
-  if constexpr (kSums >= kNormSums) lanes[j] += now * now;
+FIXNORM_INLINE void add_sums(acc (*lanes)[kLanes], int j, acc old, acc now) {
+  if constexpr (kSums >= kNormSums) lanes[kNewSq][j] += now * now;
   if constexpr (kSums == kAllSums) {
-    // The same delta as the AVX2 loop: exact whenever the step is smaller than the weight.
-    const double o = old, d = now - old;
-    old_sq[j] += o * o;
-    old_dot_delta[j] += o * d;
-    delta_sq[j] += d * d;
+    const acc d = now - old;  // exact whenever the step is smaller than the weight (Sterbenz)
+    lanes[kOldSq][j] += old * old;
+    lanes[kOldDotDelta][j] += old * d;
+    lanes[kDeltaSq][j] += d * d;
   }
 }
 
 // Update [0, n), writing the new weights to `out` (the parameter itself, or
-// scratch), and add the kSums sums of the range to sums[0, kSums). The new
-// weights' squares are added in kLanes independent lanes (so the compiler can
-// vectorise without reassociating) of the accumulation type within blocks of
-// kBlockElems, and the blocks in float64: rounding error stays at a few
-// float32 ulps however long the tensor, and fixed norms do not drift from
-// their target. The three sums of the angle are float64 throughout: the
-// angle of a step mostly along w is what is left of them after a
-// cancellation, which float32 blocks would leave at ~sqrt(eps32) of the step.
+// scratch), and add the kSums sums of the range to sums[0, kSums). Each sum
+// is added in kLanes independent lanes (so the compiler can vectorise without
+// reassociating) of the accumulation type within blocks of kBlockElems, and
+// the blocks in float64: rounding error stays at a few float32 ulps however
+// long the tensor, and fixed norms do not drift from their target.
 template <typename scalar_t, typename out_t, int kMomentum, bool kNesterov, bool kDecay, int kSums>
 FIXNORM_HOT_LOOP void update_range(const scalar_t* p, const scalar_t* g, scalar_t* buf, out_t* out, int64_t n,
                                    const Coeffs<acc_t<scalar_t>>& c, bool unscale, double* sums) {
   using acc = acc_t<scalar_t>;
-  constexpr bool kStats = kSums == kAllSums;
-  double total[kLanes] = {};
-  double old_sq[kLanes] = {}, old_dot_delta[kLanes] = {}, delta_sq[kLanes] = {};
+  constexpr int kCols = kSums > 0 ? kSums : 1;
+  double total[kCols][kLanes] = {};
   for (int64_t start = 0; start < n; start += kBlockElems) {
     const int64_t stop = std::min(n, start + kBlockElems);
-    acc lanes[kLanes] = {};
+    acc lanes[kCols][kLanes] = {};
     int64_t i = start;
     acc old;
     for (; i + kLanes <= stop; i += kLanes) {
       for (int j = 0; j < kLanes; ++j) {
         const acc v =
             update_one<scalar_t, out_t, kMomentum, kNesterov, kDecay>(p, g, buf, out, i + j, c, unscale, old);
-        add_sums<kSums>(lanes, old_sq, old_dot_delta, delta_sq, j, old, v);
+        add_sums<kSums>(lanes, j, old, v);
       }
     }
     for (int j = 0; i < stop; ++i, ++j) {
       const acc v = update_one<scalar_t, out_t, kMomentum, kNesterov, kDecay>(p, g, buf, out, i, c, unscale, old);
-      add_sums<kSums>(lanes, old_sq, old_dot_delta, delta_sq, j, old, v);
+      add_sums<kSums>(lanes, j, old, v);
     }
-    if constexpr (kSums >= kNormSums) {
-      for (int j = 0; j < kLanes; ++j) total[j] += lanes[j];
+    for (int k = 0; k < kSums; ++k) {
+      for (int j = 0; j < kLanes; ++j) total[k][j] += lanes[k][j];
     }
   }
-  auto reduce = [](double* lanes) {
+  for (int k = 0; k < kSums; ++k) {
     for (int width = kLanes / 2; width > 0; width /= 2) {
-      for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+      for (int j = 0; j < width; ++j) total[k][j] += total[k][j + width];
     }
-    return lanes[0];
-  };
-  if constexpr (kSums >= kNormSums) sums[kNewSq] += reduce(total);
-  if constexpr (kStats) {
-    sums[kOldSq] += reduce(old_sq);
-    sums[kOldDotDelta] += reduce(old_dot_delta);
-    sums[kDeltaSq] += reduce(delta_sq);
+    sums[k] += total[k][0];
   }
 }
 
@@ -229,7 +217,7 @@ FIXNORM_HOT_LOOP void scale_range(scalar_t* p, const src_t* src, int64_t n, acc_
 // updated weights out of cache before pass 2 reads them back. Handles
 // n - n % 16 elements; `buf` must be 32-byte aligned.
 // With kStats, also sums the three terms of the angle (see SumCol), in
-// float64 as the generic loop does, and adds all four sums to sums[0..3];
+// float32 blocks as the squares, and adds all four sums to sums[0..3];
 // otherwise adds the squares to sums[0].
 template <bool kStats>
 __attribute__((target("avx2,fma"))) void update_f32_avx2(float* p, const float* g, float* buf, int64_t n,
@@ -239,13 +227,15 @@ __attribute__((target("avx2,fma"))) void update_f32_avx2(float* p, const float* 
   const __m256 omd = _mm256_set1_ps(c.one_minus_dampening), wd = _mm256_set1_ps(c.weight_decay);
   const __m256 sign = _mm256_set1_ps(c.sign), scale = _mm256_set1_ps(c.grad_scale);
   __m256d total = _mm256_setzero_pd();
-  // The angle's sums: [column - 1][low / high four lanes].
+  // The angle's sums across blocks: [column - 1][low / high four lanes].
   __m256d stat[3][2];
   for (auto& col : stat) col[0] = col[1] = _mm256_setzero_pd();
   const int64_t full = n - n % 16;
   for (int64_t start = 0; start < full; start += kBlockElems) {
     const int64_t stop = std::min(full, start + kBlockElems);
     __m256 lanes[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 slanes[3][2];
+    for (auto& col : slanes) col[0] = col[1] = _mm256_setzero_ps();
     for (int64_t i = start; i < stop; i += 16) {
       for (int h = 0; h < 2; ++h) {
         const int64_t k = i + 8 * h;
@@ -261,23 +251,23 @@ __attribute__((target("avx2,fma"))) void update_f32_avx2(float* p, const float* 
         _mm256_storeu_ps(p + k, np);
         lanes[h] = _mm256_add_ps(lanes[h], _mm256_mul_ps(np, np));
         if constexpr (kStats) {
-          // np - pv is exact in float32 whenever the step is smaller than the
-          // weight (Sterbenz), and a product of two float32 values is exact
-          // in float64, so an FMA rounds the same as a multiply and an add.
           const __m256 dv = _mm256_sub_ps(np, pv);
-          for (int half = 0; half < 2; ++half) {
-            const __m256d o = _mm256_cvtps_pd(half ? _mm256_extractf128_ps(pv, 1) : _mm256_castps256_ps128(pv));
-            const __m256d delta = _mm256_cvtps_pd(half ? _mm256_extractf128_ps(dv, 1) : _mm256_castps256_ps128(dv));
-            stat[0][half] = _mm256_fmadd_pd(o, o, stat[0][half]);
-            stat[1][half] = _mm256_fmadd_pd(o, delta, stat[1][half]);
-            stat[2][half] = _mm256_fmadd_pd(delta, delta, stat[2][half]);
-          }
+          slanes[0][h] = _mm256_add_ps(slanes[0][h], _mm256_mul_ps(pv, pv));
+          slanes[1][h] = _mm256_add_ps(slanes[1][h], _mm256_mul_ps(pv, dv));
+          slanes[2][h] = _mm256_add_ps(slanes[2][h], _mm256_mul_ps(dv, dv));
         }
       }
     }
     const __m256 block = _mm256_add_ps(lanes[0], lanes[1]);
     total = _mm256_add_pd(total, _mm256_cvtps_pd(_mm256_castps256_ps128(block)));
     total = _mm256_add_pd(total, _mm256_cvtps_pd(_mm256_extractf128_ps(block, 1)));
+    if constexpr (kStats) {
+      for (int col = 0; col < 3; ++col) {
+        const __m256 sb = _mm256_add_ps(slanes[col][0], slanes[col][1]);
+        stat[col][0] = _mm256_add_pd(stat[col][0], _mm256_cvtps_pd(_mm256_castps256_ps128(sb)));
+        stat[col][1] = _mm256_add_pd(stat[col][1], _mm256_cvtps_pd(_mm256_extractf128_ps(sb, 1)));
+      }
+    }
   }
   _mm_sfence();  // streamed stores are weakly ordered: publish them before the item counts as done
   alignas(32) double t[4];
