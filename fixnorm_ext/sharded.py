@@ -162,9 +162,11 @@ def sharded_step(params, grads, bufs, *, group_index, groups, targets, backend, 
     step_targets = [None if c else _local_target(t, pl, p.shape[0] if p.dim() else 1)
                     for t, c, pl, p in zip(targets, cut, placements, lp)]
     in_kernel = backend in dispatch.SUMS_BACKENDS
+    layout = dispatch.cached_sums_layout(lp, lb, group_index=step_index, groups=hypers, targets=step_targets,
+                                         workspace=workspace)
     sums = None
     if in_kernel and (track_stats or any(cut)):
-        sums = torch.empty((dispatch.sum_rows(lp, step_index, hypers), SUM_COLS), dtype=torch.float64)
+        sums = torch.empty((layout.tensor.numel(), SUM_COLS), dtype=torch.float64)
     # Without the kernel's sums, Python measures them after the step: the
     # squares of the cut segments, and for track_stats everything against a
     # copy of the weights before it.
@@ -172,8 +174,6 @@ def sharded_step(params, grads, bufs, *, group_index, groups, targets, backend, 
     new_bufs = dispatch.fixnorm_step(lp, lg, lb, group_index=step_index, groups=hypers, targets=step_targets,
                                      backend=backend, grad_scale=grad_scale, found_inf=found_inf,
                                      workspace=workspace, sums=sums)
-    layout = dispatch.cached_sums_layout(lp, lb, group_index=step_index, groups=hypers, targets=step_targets,
-                                         workspace=workspace)
     if sums is not None:
         factors = dispatch.rescale_factors(sums[:, 0], layout)
     else:
@@ -226,8 +226,7 @@ def sharded_step(params, grads, bufs, *, group_index, groups, targets, backend, 
             cut_factors = torch.ones_like(cut_factors)
         by_kind: dict = {}
         for i, f in zip(cut_index, cut_factors.tolist()):
-            if factors is not None:
-                factors[first_row[i]] = f
+            factors[first_row[i]] = f
             if f != 1.0:
                 entry = by_kind.setdefault((lp[i].device, lp[i].dtype), ([], []))
                 entry[0].append(lp[i])
