@@ -14,6 +14,7 @@ FixNorm (Zhou, Sun, Zhong 2021) treats three kinds of parameter differently:
 * **everything else** (role ``"other"``): biases, normalization affine parameters,
   embeddings, weights followed by anything but a normalization. Plain SGD.
 """
+import contextlib
 import difflib
 import math
 import numbers
@@ -250,8 +251,33 @@ class _LayerTracer(torch.fx.Tracer):
         return isinstance(m, _WEIGHT_LAYERS + _NORM_LAYERS) or super().is_leaf_module(m, module_qualified_name)
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def _forward_hooks_off(model):
+    """Every module's forward hooks taken out while the block runs, then put
+    back. Tracing calls each module, and hooks would run on fx proxies:
+    fully_shard's would set up the first sharded block as its root, and the
+    model's first real forward would then fail."""
+    saved = []
+    for m in model.modules():
+        for attr in _HOOK_DICTS:
+            hooks = getattr(m, attr, None)
+            if hooks:
+                saved.append((hooks, dict(hooks)))
+                hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, items in saved:
+            hooks.update(items)
+
+
 def _structure_from_fx(model) -> _Structure:
-    graph = _LayerTracer().trace(model)
+    with _forward_hooks_off(model):
+        graph = _LayerTracer().trace(model)
     calls = defaultdict(list)
     for node in graph.nodes:
         if node.op == "call_module":

@@ -17,6 +17,7 @@ the ranks three per-tensor partials (see ``dispatch.segment_partials``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -107,12 +108,13 @@ def initial_target(p, norm_dim: Optional[int]) -> torch.Tensor:
     x = local(p).detach().to(torch.float64)
     placement = placement_of(p, GroupHyper(lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                                            maximize=False, norm="fixed", norm_dim=norm_dim))
+    rows = x.reshape(x.shape[0], math.prod(x.shape[1:])) if x.dim() else x  # (0, k) on a rank without rows
     if placement.spread:
-        norms = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
+        norms = torch.linalg.vector_norm(rows, dim=1)
         return DTensor.from_local(norms, p.device_mesh, p.placements, run_check=False, shape=(p.shape[0],),
                                   stride=(1,))
     if norm_dim == 0 and p.dim() > 0:  # replicated rows
-        return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
+        return torch.linalg.vector_norm(rows, dim=1)
     sq = x.square().sum()
     if placement.group is not None:
         dist.all_reduce(sq, group=placement.group)

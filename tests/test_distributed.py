@@ -543,6 +543,7 @@ def _hand_made_specs() -> dict:
         "G": ((6, 2), Shard(0), "strided", "fixed"),           # column-major local shards
         "H": ((0, 3), Shard(0), "from_local", "fixed"),        # empty everywhere
         "I": ((3, 3), Shard(0), "from_local", "max"),          # 2+1 on 2 ranks, 1+1+1 on 3
+        "J": ((1, 4), Shard(0), "from_local", "fixed_rows"),   # recorded row targets, no rows on other ranks
     }
 
 
@@ -738,6 +739,40 @@ def _groups_on_fully_shard_task() -> dict:
     params = {id(p) for p in model.parameters()}
     assert all(id(p) in params for g in after for p in g["params"]), "groups hold parameters the model no longer has"
     return {"before": dict(before.roles), "after": dict(after.roles), "method": after.method}
+
+
+class _Blocks(nn.Module):
+    """Blocks sharded one by one, then the root, as the README shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8, bias=False), nn.LayerNorm(8), nn.ReLU())
+                                      for _ in range(2)])
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.blocks(x))
+
+
+def _groups_on_nested_fully_shard_task() -> str:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = _Blocks()
+    for block in model.blocks:
+        fully_shard(block, mesh=_mesh())
+    fully_shard(model, mesh=_mesh())
+    groups = fixnorm_param_groups(model, fc_norm=FC_NORM)
+    opt = FusedFixNorm(groups, lr=LR, momentum=MOMENTUM)
+    # Tracing must leave fully_shard's hooks alone: the first real forward
+    # used to fail ("FSDP state has already been lazily initialized").
+    F.cross_entropy(model(torch.randn(4, 8)), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()
+    return groups.method
+
+
+def test_param_groups_on_nested_fully_shard_model(pools):
+    assert pools(2).run("_groups_on_nested_fully_shard_task") == ["fx", "fx"]
 
 
 def test_param_groups_on_fully_shard_model(pools):
