@@ -56,7 +56,7 @@ def layer_stats(optimizer, model: Optional[torch.nn.Module] = None) -> list[Laye
             w = p.detach().double()
             per_row = norm_dim == 0 and w.dim() > 0
             norms = w.reshape(w.shape[0], -1).norm(dim=1) if per_row else w.norm()
-            norm = norms.mean().item() if norms.numel() else 0.0
+            norm = _whole(norms.mean()).item() if norms.numel() else 0.0
             target = None
             if mode is not None:
                 recorded = optimizer.state.get(p, {}).get("target_norm")
@@ -88,9 +88,16 @@ def angles(before: list, after: list) -> list:
 def classifier_norm(optimizer) -> Optional[float]:
     """The norm of the parameter in a ``norm="max"`` group (FixNorm's
     classifier), or None when there is none; the largest if several."""
-    norms = [p.detach().double().norm().item() for g in optimizer.param_groups if g.get("norm") == "max"
+    norms = [_whole(p.detach().double().norm()).item() for g in optimizer.param_groups if g.get("norm") == "max"
              for p in g["params"]]
     return max(norms) if norms else None
+
+
+def _whole(x: torch.Tensor) -> torch.Tensor:
+    """A DTensor reduction's value for the whole tensor (``.item()`` of a
+    partial result would be this rank's share); other tensors as they are."""
+    full = getattr(x, "full_tensor", None)
+    return full() if callable(full) else x
 
 
 def margins(logits: torch.Tensor, labels: torch.Tensor) -> dict:

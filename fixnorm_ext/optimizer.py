@@ -322,10 +322,15 @@ class FusedFixNorm(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if self.track_stats:
+            self._last_turn = ((), None)  # a step that steps nothing leaves no angles
 
         # Gather and check everything before the first write: a refused step
         # changes no parameter and no state.
         params, grads, bufs, group_index, hypers, targets = [], [], [], [], [], []
+        idle = []  # DTensor parameters without a gradient: (position, parameter, group), see sharded_step
+        positions = []  # of the stepped parameters among all the optimizer's
+        position = -1
         pending_targets: dict = {}
         # These backends take an lr tensor as it is: read on the device (no
         # synchronization), or while traced, in the graph.
@@ -343,7 +348,10 @@ class FusedFixNorm(Optimizer):
             explicit = None if group["target_norm"] is None else float(group["target_norm"])
             for p in group["params"]:
                 g = p.grad
+                position += 1
                 if g is None:
+                    if sharded.is_dtensor(p):
+                        idle.append((position, p, gi))
                     continue
                 if g.is_sparse:
                     raise RuntimeError("FusedFixNorm does not support sparse gradients")
@@ -356,6 +364,7 @@ class FusedFixNorm(Optimizer):
                 if buf is not None:
                     _check_buffer(buf, p)
                 params.append(p)
+                positions.append(position)
                 grads.append(g)
                 bufs.append(buf)
                 group_index.append(gi)
@@ -365,14 +374,14 @@ class FusedFixNorm(Optimizer):
                     targets.append(explicit)
                 else:
                     targets.append(self._recorded_target(p, st, hyper.norm_dim, pending_targets))
-        if not params:
+        if not params and not idle:
             return loss
 
-        if any(sharded.is_dtensor(p) for p in params):
+        if idle or any(sharded.is_dtensor(p) for p in params):
             new_bufs, turned = sharded.sharded_step(
-                params, grads, bufs, group_index=group_index, groups=hypers, targets=targets, backend=self.backend,
-                grad_scale=grad_scale, found_inf=found_inf, workspace=self._workspace.setdefault("sharded", {}),
-                track_stats=self.track_stats)
+                params, grads, bufs, positions=positions, idle=idle, group_index=group_index, groups=hypers,
+                targets=targets, backend=self.backend, grad_scale=grad_scale, found_inf=found_inf,
+                workspace=self._workspace.setdefault("sharded", {}), track_stats=self.track_stats)
             if grad_scale is not None:
                 _unscale_grads_like_fused_sgd([sharded.local(g) for g in grads], grad_scale, found_inf)
             if turned is not None:

@@ -144,11 +144,25 @@ def _python_sums(before: Optional[torch.Tensor], after: torch.Tensor, segs: int)
     return torch.stack([new.square().sum(1), old.square().sum(1), (old * delta).sum(1), delta.square().sum(1)], 1)
 
 
-def sharded_step(params, grads, bufs, *, group_index, groups, targets, backend, grad_scale, found_inf,
-                 workspace, track_stats):
+def sharded_step(params, grads, bufs, *, positions, idle, group_index, groups, targets, backend, grad_scale,
+                 found_inf, workspace, track_stats):
     """One FusedFixNorm step over parameters of which some are DTensors.
     Returns the momentum buffers after the step (DTensors where the
-    parameter is one) and, with ``track_stats``, each tensor's angle."""
+    parameter is one) and, with ``track_stats``, each tensor's angle.
+
+    ``positions`` are the stepped parameters' places among all of the
+    optimizer's, and ``idle`` the ``(position, parameter, group)`` of its
+    DTensor parameters without a gradient here. The all-reduced vector has
+    the same layout on every rank whatever gradients a rank holds: an idle
+    parameter sends its weights' squares as they are and is not rescaled, so
+    a rank without gradients still takes part (no hang) and the entries of
+    two ranks never mismatch. A tensor with gradients on some ranks only is
+    stepped and rescaled on those, by the factor of its whole norm, and left
+    as it is on the others: its norm is then not held. FSDP2 gives every
+    rank the gradients of the same parameters."""
+    if not params:
+        _idle_collectives(idle, groups, workspace, track_stats)
+        return [], (torch.zeros(0, dtype=torch.float64) if track_stats else None)
     placements = _placements(params, group_index, groups, workspace)
     lp = [local(p) for p in params]
     lg = [local(g) for g in grads]
@@ -197,21 +211,15 @@ def sharded_step(params, grads, bufs, *, group_index, groups, targets, backend, 
         row = first_row[i]
         if c or (track_stats and not pl.spread):
             part = sums[row] if track_stats else sums[row, :1]
-            vectors.setdefault(pl.group, []).append(("segment", i, part))
+            vectors.setdefault(pl.group, []).append((positions[i], "segment", i, part))
         elif track_stats and pl.spread:
             n = int((layout.tensor == i).sum())
             partial = dispatch.segment_partials(sums[row:row + n], factors[row:row + n],
                                                 torch.zeros(n, dtype=torch.int64), 1)[0]
-            vectors.setdefault(pl.group, []).append(("partial", i, partial))
-    combined: dict = {}
-    for group, entries in vectors.items():
-        flat = torch.cat([e[2] for e in entries]).to(lp[entries[0][1]].device)
-        dist.all_reduce(flat, group=group)
-        flat = flat.cpu()
-        pos = 0
-        for kind, i, part in entries:
-            combined[i] = (kind, flat[pos:pos + part.numel()])
-            pos += part.numel()
+            vectors.setdefault(pl.group, []).append((positions[i], "partial", i, partial))
+    for group, entry in _idle_entries(idle, groups, workspace, track_stats):
+        vectors.setdefault(group, []).append(entry)
+    combined = _all_reduce(vectors)
 
     # Rescale the cut segments by the factor of their global norm, as the
     # kernels do (1 after a step skipped for an overflow: the kernel's sums
@@ -250,6 +258,60 @@ def sharded_step(params, grads, bufs, *, group_index, groups, targets, backend, 
             partials[i] = dispatch.segment_partials(seg, factors[first_row[i]:first_row[i] + 1],
                                                     torch.zeros(1, dtype=torch.int64), 1)[0]
     return out_bufs, dispatch.angles_from_partials(partials)
+
+
+def _idle_entries(idle, groups, workspace, track_stats) -> list:
+    """What the idle parameters put in the vector: ``(group, entry)`` pairs,
+    each entry as the stepped ones' (position, kind, None, values)."""
+    out = []
+    placements = _placements([p for _, p, _ in idle], [gi for _, _, gi in idle], groups, workspace)
+    for (position, p, gi), pl in zip(idle, placements):
+        if pl.group is None:
+            continue
+        cut = pl.cut and groups[gi].norm is not None
+        sq = local(p).detach().to(torch.float64).square().sum().reshape(1).cpu()
+        if cut or (track_stats and not pl.spread):
+            values = torch.cat([sq, sq, torch.zeros(2, dtype=torch.float64)]) if track_stats else sq
+            out.append((pl.group, (position, "segment", None, values)))
+        elif track_stats and pl.spread:
+            out.append((pl.group, (position, "partial", None, torch.cat([torch.zeros(2, dtype=torch.float64), sq]))))
+    return out
+
+
+def _idle_collectives(idle, groups, workspace, track_stats) -> None:
+    """A rank with no gradient at all still takes its part in the step's all-reduces."""
+    vectors: dict = {}
+    for group, entry in _idle_entries(idle, groups, workspace, track_stats):
+        vectors.setdefault(group, []).append(entry)
+    _all_reduce(vectors)
+
+
+def _all_reduce(vectors: dict) -> dict:
+    """One all-reduce per process group of its entries' values, in the order
+    of their positions (the same on every rank); returns {tensor index:
+    (kind, summed values)} for the entries of stepped tensors."""
+    combined: dict = {}
+    for group, entries in vectors.items():
+        entries.sort(key=lambda e: e[0])
+        flat = torch.cat([e[3] for e in entries])
+        device = _group_device(group)
+        flat = flat.to(device)
+        dist.all_reduce(flat, group=group)
+        flat = flat.cpu()
+        pos = 0
+        for _, kind, i, part in entries:
+            if i is not None:
+                combined[i] = (kind, flat[pos:pos + part.numel()])
+            pos += part.numel()
+    return combined
+
+
+def _group_device(group) -> torch.device:
+    """Where a collective of ``group`` takes its tensors: the CPU for gloo,
+    this rank's GPU for NCCL."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _placements(params, group_index, groups, workspace) -> list[Placement]:

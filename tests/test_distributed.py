@@ -768,6 +768,9 @@ def _groups_on_nested_fully_shard_task() -> str:
     # used to fail ("FSDP state has already been lazily initialized").
     F.cross_entropy(model(torch.randn(4, 8)), torch.tensor([0, 1, 2, 0])).backward()
     opt.step()
+    # The classifier's norm is the whole weight's on every rank, not this shard's.
+    whole = model.fc.weight.detach().full_tensor().double().norm().item()
+    assert math.isclose(fixnorm_ext.diagnostics.classifier_norm(opt), whole, rel_tol=1e-12), whole
     return groups.method
 
 
@@ -901,6 +904,38 @@ def _checkpoint_task() -> bool:
 
 def test_sharded_checkpoint_resumes_bitwise(pools):
     assert pools(2).run("_checkpoint_task") == [True, True]
+
+
+def _shard0():
+    from torch.distributed.tensor import Shard
+    return Shard(0)
+
+
+def _missing_grads_task() -> list:
+    """Ranks that lack some gradients, or all of them, still take their part
+    in the step's all-reduce (no hang), and a tensor no rank has a gradient
+    for is left exactly as it was."""
+    specs = {"A": ((9, 4), _shard0(), "from_local", "fixed"), "B": ((5, 3), _shard0(), "from_local", "max"),
+             "C": ((6, 2), _shard0(), "from_local", "fixed")}
+    sharded, full, groups, _ = _build(specs, torch.float32)
+    opt = FusedFixNorm(groups, lr=LR, momentum=MOMENTUM, track_stats=True)
+    seen = []
+    for step in range(3):
+        _set_grads(specs, sharded, full, step, torch.float32)
+        sharded["C"].grad = None  # on every rank
+        if step == 1 and _rank() == 1:
+            for p in sharded.values():
+                p.grad = None  # this rank has nothing to step
+        start = sharded["C"].detach().to_local().clone()
+        with _counting_collectives() as record:
+            opt.step()
+        assert torch.equal(sharded["C"].detach().to_local(), start)
+        seen.append(len(record["all_reduce"]))
+    return seen
+
+
+def test_missing_gradients_do_not_hang_the_step(pools):
+    assert pools(2).run("_missing_grads_task") == [[1, 1, 1], [1, 1, 1]]
 
 
 def _other_placement_task() -> list:
