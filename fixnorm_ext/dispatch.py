@@ -289,18 +289,18 @@ def flat_targets(params, *, group_index, groups, targets, device=None) -> torch.
     segment with norm control, in meta's order), built on ``device`` (default:
     the CPU) without reading device values on the host."""
     device = torch.device("cpu") if device is None else device
-    parts = []
-    for p, gi, t in zip(params, group_index, targets):
-        h = groups[gi]
-        if h.norm is None:
-            continue
-        segs = _segments(p, h.norm_dim)
-        if isinstance(t, float):
-            parts.append(torch.full((segs,), t, dtype=torch.float64, device=device))
-            continue
-        t = t.detach().to(device=device, dtype=torch.float64).reshape(-1)
-        parts.append(t.expand(segs) if t.numel() == 1 else t)
+    parts = [_segment_targets(t, _segments(p, groups[gi].norm_dim), device)
+             for p, gi, t in zip(params, group_index, targets) if groups[gi].norm is not None]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+
+
+def _segment_targets(target, segs: int, device) -> torch.Tensor:
+    """One tensor's target per segment (float64 on ``device``), from a number
+    or a tensor of one value or one per segment."""
+    if isinstance(target, float):
+        return torch.full((segs,), target, dtype=torch.float64, device=device)
+    target = target.detach().to(device=device, dtype=torch.float64).reshape(-1)
+    return target.expand(segs) if target.numel() == 1 else target
 
 
 def build_tables(params, bufs, *, group_index, groups, targets):
@@ -646,39 +646,35 @@ SUMS_BACKENDS = ("cpu",)
 SUM_COLS = 4  # new_sq, old_sq, old_dot_delta, delta_sq (csrc/fixnorm_ops.cpp)
 
 
-def sum_rows(params, group_index, groups) -> int:
-    """Rows of the ``sums`` table: one per segment of every tensor (a tensor
-    without norm control is one segment)."""
-    return sum(_segments(p, groups[gi].norm_dim) if groups[gi].norm else 1 for p, gi in zip(params, group_index))
-
-
 @dataclass(frozen=True)
 class SumsLayout:
-    """What turns a ``sums`` table into per-tensor figures: per row, its
-    tensor, norm mode code and target (0 without norm control)."""
+    """The rows of a ``sums`` table, one per segment of every tensor (a
+    tensor without norm control is one segment), and what turns them into
+    per-tensor figures: per row, its tensor, norm mode code and target (0
+    without norm control); tensor i's rows are [starts[i], starts[i + 1])."""
     tensor: torch.Tensor   # int64 [rows]
     mode: torch.Tensor     # int64 [rows]
     target: torch.Tensor   # float64 [rows]
+    starts: tuple          # num_tensors + 1 row offsets
     num_tensors: int
+
+    @property
+    def rows(self) -> int:
+        return self.starts[-1]
 
 
 def sums_layout(params, *, group_index, groups, targets) -> SumsLayout:
-    tensor, mode, parts = [], [], []
+    tensor, mode, parts, starts = [], [], [], [0]
     for i, (p, gi, t) in enumerate(zip(params, group_index, targets)):
         h = groups[gi]
         segs = _segments(p, h.norm_dim) if h.norm else 1
         tensor += [i] * segs
         mode += [MODE_CODE[h.norm]] * segs
-        if h.norm is None:
-            parts.append(torch.zeros(segs, dtype=torch.float64))
-        elif isinstance(t, float):
-            parts.append(torch.full((segs,), t, dtype=torch.float64))
-        else:
-            t = t.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
-            parts.append(t.expand(segs) if t.numel() == 1 else t)
+        starts.append(starts[-1] + segs)
+        parts.append(torch.zeros(segs, dtype=torch.float64) if h.norm is None else _segment_targets(t, segs, "cpu"))
     target = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
     return SumsLayout(torch.tensor(tensor, dtype=torch.int64), torch.tensor(mode, dtype=torch.int64), target,
-                      len(params))
+                      tuple(starts), len(params))
 
 
 def cached_sums_layout(params, bufs, *, group_index, groups, targets, workspace: dict) -> SumsLayout:
@@ -777,7 +773,7 @@ def fixnorm_step(
     with the same layout (the optimizer passes one per instance).
 
     ``sums`` (the backends of ``SUMS_BACKENDS``): a float64 tensor of shape
-    ``[sum_rows(...), 4]`` that the step fills, per segment, with the updated
+    ``[sums_layout(...).rows, 4]`` that the step fills, per segment, with the updated
     weights' sum of squares before rescaling, ``||w_old||^2``,
     ``<w_old, delta>`` and ``||delta||^2``.
     """

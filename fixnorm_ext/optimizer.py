@@ -394,7 +394,7 @@ class FusedFixNorm(Optimizer):
         if in_kernel:
             layout = cached_sums_layout(params, bufs, group_index=group_index, groups=hypers, targets=targets,
                                         workspace=self._workspace)
-            sums = torch.empty((layout.tensor.numel(), SUM_COLS), dtype=torch.float64)
+            sums = torch.empty((layout.rows, SUM_COLS), dtype=torch.float64)
         before = [p.detach().clone() for p in params] if self.track_stats and not in_kernel else None
         new_bufs = fixnorm_step(params, grads, bufs, group_index=group_index, groups=hypers, targets=targets,
                                 backend=self.backend, grad_scale=grad_scale, found_inf=found_inf,

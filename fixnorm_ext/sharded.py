@@ -182,7 +182,7 @@ def sharded_step(params, grads, bufs, *, positions, idle, group_index, groups, t
                                          workspace=workspace)
     sums = None
     if in_kernel and (track_stats or any(cut)):
-        sums = torch.empty((layout.tensor.numel(), SUM_COLS), dtype=torch.float64)
+        sums = torch.empty((layout.rows, SUM_COLS), dtype=torch.float64)
     # Without the kernel's sums, Python measures them after the step: the
     # squares of the cut segments, and for track_stats everything against a
     # copy of the weights before it.
@@ -195,15 +195,16 @@ def sharded_step(params, grads, bufs, *, positions, idle, group_index, groups, t
     else:
         # Python's sums: of the finished step (rescaled: factor 1), and of
         # the unscaled update for cut segments; zeros where none is needed.
-        counts = torch.bincount(layout.tensor, minlength=len(lp)).tolist()
-        sums = torch.cat([_python_sums(before.get(i), lp[i], n) if track_stats or cut[i]
-                          else torch.zeros(n, SUM_COLS, dtype=torch.float64) for i, n in enumerate(counts)])
+        starts = layout.starts
+        sums = torch.cat([_python_sums(before.get(i), lp[i], starts[i + 1] - starts[i]) if track_stats or cut[i]
+                          else torch.zeros(starts[i + 1] - starts[i], SUM_COLS, dtype=torch.float64)
+                          for i in range(len(lp))])
         factors = torch.ones(sums.shape[0], dtype=torch.float64)
 
     # The one vector per process group: per cut segment its squares (and,
     # tracked, its other three sums); tracked, per spread or cut-free
     # sharded tensor its three partials.
-    first_row = _first_rows(layout)
+    first_row = layout.starts
     vectors: dict = {}
     for i, (pl, c) in enumerate(zip(placements, cut)):
         if pl.group is None:
@@ -213,7 +214,7 @@ def sharded_step(params, grads, bufs, *, positions, idle, group_index, groups, t
             part = sums[row] if track_stats else sums[row, :1]
             vectors.setdefault(pl.group, []).append((positions[i], "segment", i, part))
         elif track_stats and pl.spread:
-            n = int((layout.tensor == i).sum())
+            n = first_row[i + 1] - row
             partial = dispatch.segment_partials(sums[row:row + n], factors[row:row + n],
                                                 torch.zeros(n, dtype=torch.int64), 1)[0]
             vectors.setdefault(pl.group, []).append((positions[i], "partial", i, partial))
@@ -227,11 +228,11 @@ def sharded_step(params, grads, bufs, *, positions, idle, group_index, groups, t
     cut_index = [i for i, c in enumerate(cut) if c]
     if cut_index:
         squares = torch.stack([combined[i][1][0] for i in cut_index])
-        cut_targets = torch.stack([torch.as_tensor(targets[i], dtype=torch.float64).reshape(()).cpu()
-                                   for i in cut_index])
-        modes = torch.tensor([dispatch.MODE_CODE[groups[group_index[i]].norm] for i in cut_index])
-        cut_factors = dispatch.rescale_factors(squares, dispatch.SumsLayout(
-            torch.arange(len(cut_index)), modes, cut_targets, len(cut_index)))
+        # Their modes and targets (one segment each), kept while they stay the same.
+        cut_layout = dispatch.cached_sums_layout(
+            [lp[i] for i in cut_index], [lb[i] for i in cut_index], group_index=[group_index[i] for i in cut_index],
+            groups=groups, targets=[targets[i] for i in cut_index], workspace=workspace.setdefault("cut", {}))
+        cut_factors = dispatch.rescale_factors(squares, cut_layout)
         if found_inf is not None and bool(found_inf.item()):
             cut_factors = torch.ones_like(cut_factors)
         by_kind: dict = {}
@@ -327,15 +328,6 @@ def _placements(params, group_index, groups, workspace) -> list[Placement]:
             hit = cache[key] = (p, placement_of(p, h))
         out.append(hit[1])
     return out
-
-
-def _first_rows(layout) -> list[int]:
-    counts = torch.bincount(layout.tensor, minlength=layout.num_tensors).tolist()
-    rows, total = [], 0
-    for c in counts:
-        rows.append(total)
-        total += c
-    return rows
 
 
 def _like_param(buf, p):

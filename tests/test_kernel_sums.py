@@ -122,7 +122,7 @@ def test_sums_table_matches_float64_sums(dtype):
                          norm=n, norm_dim=d) for n, d in norms]
     targets = [None if n is None else 1.5 for n, _ in norms]
     old = [p.double().clone() for p in params]
-    rows = dispatch.sum_rows(params, list(range(len(params))), groups)
+    rows = dispatch.sums_layout(params, **_tables(params, groups, targets)).rows
     sums = torch.full((rows, 4), float("nan"), dtype=torch.float64)
     dispatch.fixnorm_step(params, grads, [b.clone() for b in bufs], backend="cpu", sums=sums,
                           **_tables(params, groups, targets))
@@ -159,7 +159,7 @@ def test_bad_sums_are_refused_and_change_nothing():
                          norm="fixed", norm_dim=0)] * 2
     kw = _tables(params, groups, [1.0, 1.0])
     start = [p.clone() for p in params]
-    assert dispatch.sum_rows(params, [0, 1], groups) == 13  # 10 rows of one element, and 3
+    assert dispatch.sums_layout(params, **kw).rows == 13  # 10 rows of one element, and 3
     for bad in [torch.zeros(12, 4, dtype=torch.float64), torch.zeros(13, 4), torch.zeros(13, 3, dtype=torch.float64),
                 torch.zeros(13, 8, dtype=torch.float64)[:, ::2]]:
         with pytest.raises(RuntimeError, match="sums must be"):
